@@ -114,7 +114,15 @@ class MSSA(nn.Module):
     The fused path never materialises the attention matrix; recorders recompute it from ``subspace``.
     """
 
-    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, dropout: float = 0.0, fused: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 8,
+        dim_head: int = 64,
+        dropout: float = 0.0,
+        fused: bool = True,
+        proj_bias: bool = True,
+    ):
         super().__init__()
         inner_dim = heads * dim_head
         self.heads = heads
@@ -126,7 +134,7 @@ class MSSA(nn.Module):
         self.attend = nn.Softmax(dim=-1)
         self.attn_drop = nn.Dropout(dropout)
         # The reference drops the output projection when a single head spans the whole width.
-        self.proj = nn.Linear(inner_dim, dim) if not (heads == 1 and dim_head == dim) else nn.Identity()
+        self.proj = nn.Linear(inner_dim, dim, bias=proj_bias) if not (heads == 1 and dim_head == dim) else nn.Identity()
         self.proj_drop = nn.Dropout(dropout)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
