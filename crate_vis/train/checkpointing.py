@@ -4,31 +4,108 @@
 step, position inside the epoch, best metric, the RNG states of torch / CUDA / numpy / python (per rank), and the
 resolved config. Every value is a tensor or a plain Python container of primitives, so the file reloads with
 ``weights_only=True``: RNG states that are not tensors (numpy's, python's) are converted here. Files are written
-atomically, so a kill during a save leaves the previous checkpoint intact.
+atomically, so a kill during a save leaves the previous checkpoint intact; so does a full disk, which is reported
+as :class:`DiskFullError` ("disk full" and the path) instead of whatever the writer happened to raise.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import pickle
 import random
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
 
-from ..utils.atomic import atomic_save
+from ..errors import CrateVisError
+from ..io.atomic import atomic_write
+from ..models.checkpoint import RUN_CHECKPOINT_FORMAT
 
 __all__ = [
-    "CHECKPOINT_FORMAT", "capture_rng_state", "restore_rng_state", "save_training_state", "load_training_state",
-    "seed_everything",
+    "CHECKPOINT_FORMAT", "DiskFullError", "capture_rng_state", "is_disk_full", "load_training_state",
+    "reporting_disk_full", "restore_rng_state", "save_training_state", "seed_everything",
 ]  # fmt: skip
 
 #: Marker stored in every training checkpoint.
-CHECKPOINT_FORMAT = "crate-vis-train"
+CHECKPOINT_FORMAT = RUN_CHECKPOINT_FORMAT
 CHECKPOINT_VERSION = 1
+
+
+class DiskFullError(CrateVisError, OSError):
+    """A file could not be written because its disk (or the user's quota) is full; the file it replaces is intact.
+
+    The message says what was written, what is intact and what to do; ``path`` is the file. ``errno`` is left unset
+    (the system's ENOSPC or EDQUOT is the ``__cause__``), so that the message is shown as it is, not re-worded.
+    """
+
+    def __init__(self, message: str, path: str | os.PathLike[str]) -> None:
+        super().__init__(message)
+        self.path = str(path)
+
+
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT} if hasattr(errno, "EDQUOT") else {errno.ENOSPC}
+_FULL_TEXTS = ("no space left on device", "disk quota exceeded")
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err``, or an exception it was raised from, reports a full disk or quota.
+
+    ``torch.save`` wraps the ``OSError`` of its file in a ``RuntimeError``, and writers in other languages only
+    keep the system's message, so the chain of causes and the messages are searched.
+
+    Example:
+        >>> is_disk_full(RuntimeError("write failed")), is_disk_full(OSError(errno.ENOSPC, "No space left"))
+        (False, True)
+    """
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _FULL_ERRNOS:
+            return True
+        if any(text in str(current).lower() for text in _FULL_TEXTS):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+@contextlib.contextmanager
+def reporting_disk_full(
+    path: str | os.PathLike[str], kept: str | None = None, then: str = "continue with --resume"
+) -> Iterator[None]:
+    """Turn a full-disk failure inside the block into :class:`DiskFullError` naming ``path``.
+
+    Args:
+        path: the file the block writes (atomically: on failure the previous version stays).
+        kept: what is still intact, for the message (default: the previous ``path``, when there is one).
+        then: what to do once there is space again, for the message.
+
+    Raises:
+        DiskFullError: "disk full: could not write PATH; ... is intact; free some space on that disk, then ...".
+
+    Example:
+        >>> with reporting_disk_full("run/last.pt"):  # doctest: +ELLIPSIS
+        ...     raise OSError(errno.ENOSPC, "No space left on device")
+        Traceback (most recent call last):
+        crate_vis.train.checkpointing.DiskFullError: disk full: could not write run/last.pt; ...
+    """
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        p = Path(path)
+        if kept is None:
+            kept = f"the previous {p.name} is intact" if p.exists() else f"no partial {p.name} was left"
+        raise DiskFullError(f"disk full: could not write {p}; {kept}; free some space on that disk, then {then}",
+                            p) from err  # fmt: skip
 
 
 def seed_everything(seed: int) -> None:
@@ -78,10 +155,26 @@ def _to_saveable(obj: Any) -> Any:
     raise TypeError(f"cannot store a {type(obj).__name__} in a weights-only checkpoint")
 
 
-def save_training_state(path: str | os.PathLike[str], state: Mapping[str, Any]) -> None:
-    """Write a training checkpoint atomically (temp file + rename)."""
+def save_training_state(
+    path: str | os.PathLike[str], state: Mapping[str, Any], *, kept: str | None = None,
+    then: str = "continue with --resume",
+) -> None:
+    """Write a training checkpoint atomically (temp file + rename).
+
+    Args:
+        path: the checkpoint file.
+        state: what to store (tensors and plain containers).
+        kept: what stays intact if the disk is full, for the message (default: the previous file).
+        then: what to do once there is space again, for the message.
+
+    Raises:
+        DiskFullError: the disk or quota is full; the previous file at ``path`` is unchanged.
+    """
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **_to_saveable(state)}
-    atomic_save(Path(path), lambda tmp: torch.save(payload, tmp))
+    with reporting_disk_full(path, kept, then):
+        # through a Python file object, so that the OSError of a failed write (ENOSPC) survives torch's wrapping
+        with atomic_write(Path(path), "wb") as fh:
+            torch.save(payload, fh)
 
 
 def load_training_state(path: str | os.PathLike[str]) -> dict[str, Any]:
