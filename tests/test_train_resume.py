@@ -86,3 +86,63 @@ def test_cli_resume_continues_from_the_run_folder_config(tmp_path):
     assert b["epoch"] == 2
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
+
+
+def _weights_and_optimizer(run: Path) -> dict:
+    return torch.load(run / "last.pt", weights_only=True)
+
+
+def _assert_same_training_state(a: dict, b: dict) -> None:
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), f"model.{name}"
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for pid, st in a["optimizer"]["state"].items():
+        for name, tensor in st.items():
+            other = b["optimizer"]["state"][pid][name]
+            assert torch.equal(torch.as_tensor(tensor), torch.as_tensor(other)), (pid, name)
+    assert a["step"] == b["step"]
+
+
+@pytest.mark.parametrize("cache", [False, True], ids=["imagefolder", "decoded-cache"])
+def test_resume_and_worker_count_do_not_change_the_result(tmp_path, cache):
+    """Augmentation is a pure function of (seed, epoch, index): workers=2 resumed == workers=2 straight == workers=0."""
+    root = make_image_folder(tmp_path / "data", per_class=6, size=40)
+    common = dict(data=str(root), model="crate_test_patch8_32", img_size=32, epochs=2, batch_size=4, progress=False,
+                  lr=2e-3, seed=11, color_jitter=0.4, crop_scale=[0.2, 1.0], mixup=0.4, label_smoothing=0.1,
+                  cache=cache, cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    train(resolve_config(None, out=str(tmp_path / "w2"), workers=2, **common))
+    train(resolve_config(None, out=str(tmp_path / "w2r"), workers=2, stop_after_epoch=1, **common))
+    assert _weights_and_optimizer(tmp_path / "w2r")["epoch"] == 1
+    train(resolve_config(None, out=str(tmp_path / "w2r"), workers=2, resume=True, **common))
+    train(resolve_config(None, out=str(tmp_path / "w0"), workers=0, **common))
+    straight = _weights_and_optimizer(tmp_path / "w2")
+    _assert_same_training_state(straight, _weights_and_optimizer(tmp_path / "w2r"))
+    _assert_same_training_state(straight, _weights_and_optimizer(tmp_path / "w0"))
+
+
+def test_sample_augmentation_depends_only_on_seed_epoch_and_index():
+    from crate_vis.train.config import TrainConfig
+    from crate_vis.train.data import SeededSamples, build_transform
+    from PIL import Image
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    tf = build_transform(TrainConfig(img_size=16, color_jitter=0.4, crop_scale=[0.1, 1.0]), True)
+
+    class Augmented(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return tf(image)
+
+    data = SeededSamples(Augmented(), seed=3)
+    before = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    first = data[(2, 1)]
+    assert torch.equal(torch.get_rng_state(), before[0])  # the caller's random state is left as it was
+    assert np.array_equal(np.random.get_state()[1], before[1]) and random.getstate() == before[2]
+    torch.rand(5), np.random.rand(5), random.random()  # whatever happens in between
+    assert torch.equal(first, data[(2, 1)])
+    others = [data[(2, 2)], data[(3, 1)], SeededSamples(Augmented(), seed=4)[(2, 1)]]
+    assert not any(torch.equal(first, o) for o in others)
+    # and the transform really is random: the same sample differs between epochs
+    assert len({float(data[(e, 0)].sum()) for e in range(6)}) == 6

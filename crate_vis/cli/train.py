@@ -14,16 +14,14 @@ from typing import Any
 
 import yaml
 
+from .common import key_value
+
 __all__ = ["add_arguments", "run"]
 
 log = logging.getLogger(__name__)
 
 
-def _key_value(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    return key.strip().replace("-", "_"), yaml.safe_load(value)
+_key_value = key_value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,6 +45,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mixup", type=float, default=None, help="mixup alpha")
     p.add_argument("--cutmix", type=float, default=None, help="cutmix alpha")
     p.add_argument("--workers", "-j", type=int, default=None, help="data-loading processes")
+    p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode an ImageFolder's images once into a memory-mapped cache and train from it")  # fmt: skip
+    p.add_argument("--cache-dir", default=None,
+                   help="folder of decoded caches (default $CRATE_VIS_CACHE/decoded or ~/.cache/crate-vis/decoded)")
+    p.add_argument("--cache-size", type=int, default=None, help="shorter side of cached training images (default 2x)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's choice)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -66,8 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 _FLAG_KEYS = (
     "data", "model", "out", "resume", "pretrained", "epochs", "batch_size", "img_size", "optimizer", "lr",
     "weight_decay", "warmup_epochs", "label_smoothing", "clip_grad", "ema_decay", "mixup", "cutmix", "workers",
-    "threads", "seed", "device", "amp", "compile", "max_steps", "stop_after_epoch", "tensorboard", "deterministic",
-    "progress",
+    "cache", "cache_dir", "cache_size", "threads", "seed", "device", "amp", "compile", "max_steps", "stop_after_epoch",
+    "tensorboard", "deterministic", "progress",
 )  # fmt: skip
 
 

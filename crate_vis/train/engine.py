@@ -4,11 +4,15 @@ What it guarantees:
 
 * the learning-rate schedule (linear warm-up, then cosine) is stepped every iteration;
 * gradient clipping, when configured, is applied to the gradients the optimizer uses;
-* ``--resume`` restores model, optimizer, scheduler, gradient scaler, EMA, epoch, step and RNG states, and the
-  shuffling order depends only on ``(seed, epoch)``: on CPU with ``workers=0`` a run stopped between epochs and
-  resumed ends with bit-identical weights to an uninterrupted one;
+* ``--resume`` restores model, optimizer, scheduler, gradient scaler, EMA, epoch, step and RNG states; the
+  shuffling order depends only on ``(seed, epoch)`` and each sample's augmentation only on ``(seed, epoch, index)``
+  (:mod:`crate_vis.train.data`), so on CPU a run stopped between epochs and resumed ends with bit-identical weights
+  to an uninterrupted one, and runs with different numbers of DataLoader workers end with identical weights;
+* one run at a time per run folder: ``RUN_DIR/run.lock`` (:mod:`crate_vis.train.runlock`) makes a second run stop
+  with the pid of the first; a lock left by a killed run is reclaimed;
 * a non-finite loss stops the run with :class:`NonFiniteLossError` before any bad weights are saved, so the last
-  checkpoint stays the last good one;
+  checkpoint stays the last good one; a full disk stops it with
+  :class:`~crate_vis.train.checkpointing.DiskFullError`, the previous checkpoint intact;
 * an unreadable image is reported once with its path, skipped, and counted at the end.
 """
 
@@ -31,15 +35,18 @@ import yaml
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..utils.atomic import atomic_write
+from ..errors import CrateVisError, RunFolderError
+from ..io.atomic import atomic_write
 from .checkpointing import (
-    capture_rng_state, load_training_state, restore_rng_state, save_training_state, seed_everything,
+    capture_rng_state, load_training_state, reporting_disk_full, restore_rng_state, save_training_state,
+    seed_everything,
 )  # fmt: skip
 from .config import TrainConfig, config_to_dict
-from .data import DataBundle, EpochSampler, ShardSampler, build_datasets, make_loader
+from .data import DataBundle, EpochSampler, SeededSamples, ShardSampler, build_datasets, make_loader
 from .distributed import (
     all_gather_objects, all_reduce_max, all_reduce_sum, cleanup_distributed, setup_distributed,
 )  # fmt: skip
+from .runlock import RunLock
 
 __all__ = [
     "METRIC_COLUMNS", "NonFiniteLossError", "TrainResult", "Trainer", "build_model", "clip_gradients",
@@ -58,7 +65,7 @@ METRIC_COLUMNS = (
 _SCHEDULE_KEYS = ("epochs", "max_steps", "batch_size", "lr", "min_lr", "warmup_epochs", "warmup_lr", "scheduler")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(CrateVisError, RuntimeError):
     """The loss (or gradient norm) became NaN or infinite; the run stopped without saving the bad weights."""
 
 
@@ -150,6 +157,9 @@ class Trainer:
         train_dataset: use this dataset instead of reading ``cfg.data`` (it must have a ``classes`` attribute and
             return ``(tensor image, label)``).
         val_dataset: validation dataset to go with ``train_dataset``.
+
+    Raises:
+        RunFolderError: another live run holds ``cfg.out`` (its lock is released by :meth:`fit` or :meth:`close`).
     """
 
     def __init__(self, cfg: TrainConfig, train_dataset: Dataset | None = None, val_dataset: Dataset | None = None):
@@ -158,6 +168,17 @@ class Trainer:
         requested = torch.device(cfg.device) if cfg.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dist, self.device = setup_distributed(requested)
         self.is_main = self.dist.is_main
+        self._lock = RunLock(self.run_dir)
+        self._new_run_dir = not self.run_dir.exists()
+        self._take_lock()
+        try:
+            self._setup(train_dataset, val_dataset)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, train_dataset: Dataset | None, val_dataset: Dataset | None) -> None:
+        cfg = self.cfg
         if cfg.batch_size % self.dist.world_size:
             raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {self.dist.world_size} processes")
         self.local_batch = cfg.batch_size // self.dist.world_size
@@ -190,16 +211,19 @@ class Trainer:
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
 
-        self.train_sampler = EpochSampler(len(self.data.train), cfg.seed, self.dist.rank, self.dist.world_size)
+        self.train_sampler = EpochSampler(len(self.data.train), cfg.seed, self.dist.rank, self.dist.world_size,
+                                          keyed=True)  # fmt: skip
         drop_last = cfg.drop_last or cfg.mixup_active
         if cfg.mixup_active and self.local_batch % 2:
             raise ValueError(f"mixup/cutmix need an even batch per process, got {self.local_batch}")
         pin = self.device.type == "cuda"
-        self.train_loader = make_loader(self.data.train, self.local_batch, self.train_sampler, cfg.workers, drop_last, pin)
+        # each sample's augmentation is seeded by (seed, epoch, index): the same in any worker and after a resume
+        self.train_loader = make_loader(SeededSamples(self.data.train, cfg.seed), self.local_batch, self.train_sampler,
+                                        cfg.workers, drop_last, pin, seed=cfg.seed)  # fmt: skip
         self.val_loader = None
         if self.data.val is not None:
             vs = ShardSampler(len(self.data.val), self.dist.rank, self.dist.world_size)
-            self.val_loader = make_loader(self.data.val, self.local_batch, vs, cfg.workers, False, pin)
+            self.val_loader = make_loader(self.data.val, self.local_batch, vs, cfg.workers, False, pin, seed=cfg.seed)
         n = self.train_sampler.per_rank
         self.steps_per_epoch = n // self.local_batch if drop_last else math.ceil(n / self.local_batch)
         if self.steps_per_epoch < 1:
@@ -233,6 +257,7 @@ class Trainer:
         self.best_epoch: int | None = None
         self.history: list[dict[str, Any]] = []
         self.skipped: dict[str, str] = {}
+        self._record_skipped(self.data.skipped)  # files a decoded cache left out
         self.writer = None
         self.saved_at: str | None = None  # what last.pt holds, for messages
         if cfg.resume:
@@ -245,6 +270,28 @@ class Trainer:
     def last_path(self) -> Path:
         """``RUN_DIR/last.pt``."""
         return self.run_dir / "last.pt"
+
+    def _take_lock(self) -> None:
+        """Lock the run folder (rank 0); every rank raises if another run holds it."""
+        if not self.dist.distributed:
+            self._lock.acquire()
+            return
+        error = None
+        if self.is_main:
+            try:
+                self._lock.acquire()
+            except RunFolderError as err:
+                error = str(err)
+        errors = all_gather_objects(error, self.dist)
+        if errors[0] is not None:
+            raise RunFolderError(errors[0])
+
+    def close(self) -> None:
+        """Release the run folder's lock (and remove the folder if this run created it and left it empty)."""
+        self._lock.release()
+        if self._new_run_dir and self.is_main:
+            with contextlib.suppress(OSError):
+                self.run_dir.rmdir()  # only succeeds when empty
 
     def _check_run_dir(self) -> None:
         if not self.cfg.resume and self.last_path.exists():
@@ -261,7 +308,7 @@ class Trainer:
         return DataBundle(train=train_dataset, val=val_dataset, classes=list(classes), source="custom")
 
     def _load_pretrained(self, path: str) -> None:
-        from ..checkpoint import load_checkpoint
+        from ..models.checkpoint import load_checkpoint
 
         report = load_checkpoint(self.model, path, strict=True, allow_head_mismatch=True, resize_pos_embed=True)
         if self.is_main:
@@ -527,7 +574,7 @@ class Trainer:
         return self.ema.module if self.ema is not None else self.model
 
     def _save_best(self, row: dict[str, Any]) -> None:
-        from ..checkpoint import save_model
+        from ..models.checkpoint import save_model
 
         model = self._export_model()
         meta = {"classes": self.classes, "epoch": self.epoch, "img_size": self.cfg.img_size,
@@ -535,8 +582,16 @@ class Trainer:
         save_training_state(self.run_dir / "best.pt", {
             "model": model.state_dict(), "epoch": self.epoch, "step": self.step, "metrics": row,
             "config": config_to_dict(self.cfg), "classes": self.classes,
-        })  # fmt: skip
-        save_model(model, self.run_dir / "best", metadata=meta)
+        }, then=self._next_step())  # fmt: skip
+        with reporting_disk_full(self.run_dir / "best", f"{self.last_path} is saved", self._next_step()):
+            save_model(model, self.run_dir / "best", metadata=meta)
+
+    def _next_step(self) -> str:
+        """What to do after a full disk: resume when a checkpoint exists, else start again."""
+        return "continue with --resume" if self.saved_at or self.last_path.exists() else "start the run again"
+
+    def _reporting_disk_full(self, path: Path) -> contextlib.AbstractContextManager[None]:
+        return reporting_disk_full(path, then=self._next_step())
 
     def _write_metrics(self) -> None:
         buf = io.StringIO()
@@ -544,12 +599,14 @@ class Trainer:
         writer.writeheader()
         for row in self.history:
             writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in METRIC_COLUMNS})
-        with atomic_write(self.run_dir / "metrics.csv", "w", newline="") as fh:
-            fh.write(buf.getvalue())
+        with self._reporting_disk_full(self.run_dir / "metrics.csv"):
+            with atomic_write(self.run_dir / "metrics.csv", "w", newline="") as fh:
+                fh.write(buf.getvalue())
 
     def _write_config(self) -> None:
-        with atomic_write(self.run_dir / "config.yaml", "w") as fh:
-            yaml.safe_dump(config_to_dict(self.cfg), fh, sort_keys=False)
+        with self._reporting_disk_full(self.run_dir / "config.yaml"):
+            with atomic_write(self.run_dir / "config.yaml", "w") as fh:
+                yaml.safe_dump(config_to_dict(self.cfg), fh, sort_keys=False)
 
     def _log_epoch(self, row: dict[str, Any]) -> None:
         val = ""
@@ -566,7 +623,17 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------------- fit
     def fit(self) -> TrainResult:
-        """Train until ``epochs`` (or ``max_steps`` / ``stop_after_epoch``), validating and checkpointing each epoch."""
+        """Train until ``epochs`` (or ``max_steps`` / ``stop_after_epoch``), validating and checkpointing each epoch.
+
+        The run folder's lock is released when it returns or raises.
+        """
+        self._take_lock()  # held since __init__, unless an earlier fit() released it
+        try:
+            return self._fit()
+        finally:
+            self._lock.release()
+
+    def _fit(self) -> TrainResult:
         cfg = self.cfg
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -604,14 +671,18 @@ class Trainer:
                 self._check_finite(val, f"the end of epoch {row['epoch']}")
                 state = self._state()
                 if self.is_main:
-                    save_training_state(self.last_path, state)
+                    kept = (f"the previous checkpoint ({self.saved_at}) is intact" if self.saved_at
+                            else "no checkpoint had been written yet")  # fmt: skip
+                    save_training_state(self.last_path, state, kept=kept, then=self._next_step())
                     if improved:
                         self._save_best(row)
                     self._write_metrics()
                     self._log_epoch(row)
                     from .plots import plot_curves
 
-                    plot_curves(self.history, self.run_dir / "curves.png", title=cfg.model, num_classes=len(self.classes))
+                    curves = self.run_dir / "curves.png"
+                    with self._reporting_disk_full(curves):
+                        plot_curves(self.history, curves, title=cfg.model, num_classes=len(self.classes))
                 self.saved_at = f"epoch {row['epoch']}" + ("" if finished else f", step {self.step}")
                 if stopping:
                     if not last and self.is_main:
@@ -657,9 +728,15 @@ def train(
 
     Raises:
         NonFiniteLossError: the loss diverged (the last good checkpoint is kept).
+        DiskFullError: a checkpoint or metrics file could not be written (the previous one is kept).
+        RunFolderError: another run is using ``cfg.out``.
         ValueError / FileNotFoundError / FileExistsError: bad config, data or run folder.
     """
+    trainer = None
     try:
-        return Trainer(cfg, train_dataset, val_dataset).fit()
+        trainer = Trainer(cfg, train_dataset, val_dataset)
+        return trainer.fit()
     finally:
+        if trainer is not None:
+            trainer.close()
         cleanup_distributed()
