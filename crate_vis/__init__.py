@@ -5,8 +5,18 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .checkpoint import CheckpointError, load_checkpoint, load_model, save_model
-from .models import CRATE, TokenGeometry, create_model, list_models, token_geometry
+from .errors import CheckpointError, CrateVisError
+from .models import (
+    CRATE,
+    TokenGeometry,
+    create_model,
+    list_models,
+    load_checkpoint,
+    load_model,
+    resolve_model,
+    save_model,
+    token_geometry,
+)
 
 __version__ = "0.1.0"
 
@@ -21,8 +31,8 @@ _LAZY: dict[str, str] = {
 _SUBMODULES = {"hooks", "whitebox", "segmentation", "metrics", "datasets", "viz", "train", "data", "io", "parts"}
 
 __all__ = [
-    "CRATE", "CheckpointError", "TokenGeometry", "create_model", "list_models", "load_checkpoint", "load_model",
-    "save_model", "token_geometry", *_LAZY,
+    "CRATE", "CheckpointError", "CrateVisError", "TokenGeometry", "create_model", "list_models", "load_checkpoint",
+    "load_model", "resolve_model", "save_model", "token_geometry", *_LAZY,
 ]  # fmt: skip
 
 

@@ -25,15 +25,17 @@ each run overwrites the previous one's recordings.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .errors import RecorderError, SelectionError, UsageError
 from .models.crate import MSSA
-from .models.geometry import token_geometry
+from .models.geometry import layer_index, token_geometry
 
 __all__ = [
     "AttentionRecorder",
@@ -45,14 +47,16 @@ __all__ = [
     "subspace_features",
     "model_layers",
     "RecorderError",
+    "layer_heads",
+    "resolve_heads",
+    "resolve_layer",
+    "run_until",
 ]
 
 #: Feature names :class:`FeatureRecorder` knows, in the order they occur inside a block.
 FEATURES: tuple[str, ...] = ("mssa_in", "subspace", "mssa_out", "ista_in", "ista_out")
 
 
-class RecorderError(TypeError):
-    """The model's structure is not one the recorders understand."""
 
 
 # --------------------------------------------------------------------------------------------------- layer access
@@ -145,16 +149,40 @@ def _resolve_layers(depth: int, layers: int | Iterable[int] | None) -> list[int]
         return list(range(depth))
     if isinstance(layers, int):
         layers = [layers]
-    out: set[int] = set()
-    for i in layers:
-        if isinstance(i, bool) or not isinstance(i, int):
-            raise TypeError(f"layer indices must be ints, got {i!r}")
-        if not -depth <= i < depth:
-            raise IndexError(f"layer index {i} out of range: this model has layers 0..{depth - 1} (or -{depth}..-1)")
-        out.add(i % depth)
+    out = {layer_index(depth, i) for i in layers}
     if not out:
         raise ValueError("no layers selected")
     return sorted(out)
+
+
+def resolve_layer(model: nn.Module, layer: int) -> int:
+    """``layer`` of ``model`` as a non-negative index (see :func:`crate_vis.models.geometry.layer_index`)."""
+    return layer_index(len(model_layers(model)), layer)
+
+
+def layer_heads(model: nn.Module, layer: int) -> int:
+    """Number of attention heads in block ``layer`` (CRATE ``attn.heads`` or timm ``attn.num_heads``)."""
+    return _describe(model_layers(model)[resolve_layer(model, layer)], layer).heads
+
+
+def resolve_heads(heads: Sequence[int] | None, num_heads: int) -> list[int]:
+    """Validate head indices (negative count from the end); ``None`` means all.
+
+    Raises:
+        SelectionError: a head out of range (the message names the valid range).
+        UsageError: no heads, or a head named twice.
+    """
+    if heads is None:
+        return list(range(num_heads))
+    bad = [h for h in heads if not -num_heads <= h < num_heads]
+    if bad:
+        raise SelectionError(f"head {bad[0]} out of range: this layer has heads 0..{num_heads - 1}")
+    if not heads:
+        raise UsageError("no heads selected")
+    out = [h % num_heads for h in heads]
+    if len(set(out)) != len(out):
+        raise UsageError(f"heads {list(heads)} name a head twice")
+    return out
 
 
 class LayerDict(dict):
@@ -425,8 +453,13 @@ class _StopForward(Exception):
     """Raised from a hook to end a forward pass once the layers of interest have run."""
 
 
-def _run_until(model: nn.Module, images: torch.Tensor, last_layer: int) -> None:
-    """Run the model's trunk on ``images`` and stop right after block ``last_layer``."""
+def run_until(model: nn.Module, images: torch.Tensor, last_layer: int) -> None:
+    """Run the model's trunk on ``images`` and stop right after block ``last_layer`` (later blocks would only cost
+    time).
+
+    Register recorders before calling: forward hooks run in registration order, so they have seen the block's
+    output when the stopping hook fires.
+    """
     block = model_layers(model)[last_layer]
 
     def stop(_mod: nn.Module, _inp: Any, _out: Any) -> None:
@@ -467,7 +500,7 @@ def cls_attention_maps(model: nn.Module, images: torch.Tensor, layer: int = -1) 
     geom = token_geometry(model, tuple(images.shape[-2:]))
     rec = AttentionRecorder(model, layers=[layer], cls_only=True)
     with rec:
-        _run_until(model, images, rec.layers[-1])
+        run_until(model, images, rec.layers[-1])
     attn = rec.attentions[rec.layers[0]]  # (B, h, N)
     patches = attn[..., geom.num_prefix_tokens :]  # (B, h, gh*gw)
     if patches.shape[-1] != geom.num_patches:
@@ -493,6 +526,6 @@ def subspace_features(model: nn.Module, images: torch.Tensor, layer: int = -1) -
     geom = token_geometry(model, tuple(images.shape[-2:]))
     rec = FeatureRecorder(model, layers=[layer], features=("subspace",))
     with rec:
-        _run_until(model, images, rec.layers[-1])
+        run_until(model, images, rec.layers[-1])
     feats = rec.features[rec.layers[0]]["subspace"]  # (B, h, N, dh)
     return feats[:, :, geom.num_prefix_tokens :]

@@ -34,13 +34,13 @@ All log-determinants are taken in float64 through a Cholesky factorisation of th
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
-from .hooks import FeatureRecorder, _run_until, model_layers
+from .hooks import FeatureRecorder, model_layers, run_until
 from .models.crate import MSSA
 
 __all__ = [
@@ -274,7 +274,7 @@ def measure_layers(
     """
     rec = FeatureRecorder(model, layers=layers, features=("mssa_in", "subspace", "ista_out"))
     with rec:
-        _run_until(model, images, rec.layers[-1])  # layers after the last one measured need not run
+        run_until(model, images, rec.layers[-1])  # layers after the last one measured need not run
     blocks = model_layers(model)
     out: dict[int, dict[str, torch.Tensor]] = {}
     for i in rec.layers:

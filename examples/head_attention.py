@@ -19,11 +19,11 @@ import torch
 
 from crate_vis import load_model
 from crate_vis.data.synthetic import SyntheticShapes
+from crate_vis.experiments.attention import image_attention
 from crate_vis.io.images import load_image
-from crate_vis.pretrained import default_weights
-from crate_vis.viz.attention import image_attention, model_label
-from crate_vis.viz.overlay import map_to_image
-from crate_vis.viz.plots import attention_figure, save_figure
+from crate_vis.metrics import attention_mass_inside
+from crate_vis.models.pretrained import default_weights
+from crate_vis.viz.plots import attention_figure, model_label, save_figure
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,21 +46,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"synthetic image of class {SyntheticShapes('val', 1).classes[label]!r}")
 
     res = image_attention(model, image, layer=args.layer)
-    heat = map_to_image(res.attn, res.prepared, mode="bilinear")  # (heads, H, W) on the image
-    masks = map_to_image(res.masks, res.prepared).astype(bool)  # (heads, H, W)
+    prep = res.prepared  # the photo, the model input and the geometry linking them
+    heat = prep.grid_to_image(res.attn, mode="bilinear")  # (heads, H, W) on the image
+    masks = prep.grid_to_image(res.masks).astype(bool)  # (heads, H, W)
     fig = attention_figure(
         res.prepared.original, heat, masks,
-        mean_heat=map_to_image(res.mean_attn[None], res.prepared, mode="bilinear")[0],
-        mean_mask=map_to_image(res.mean_mask[None], res.prepared)[0].astype(bool),
+        mean_heat=prep.grid_to_image(res.mean_attn, mode="bilinear"),
+        mean_mask=prep.grid_to_image(res.mean_mask).astype(bool),
         title=f"{model_label(model)}, layer {args.layer}", mass=res.mass, cell_width=1.2 if args.fast else 1.7,
     )  # fmt: skip
     out = save_figure(fig, Path(args.out) / "head_attention.png", dpi=80 if args.fast else 150)
     print(f"wrote {out}")
 
     if mask is not None:
-        # share of each head's attention (over patches) that lands inside the object
-        attn = map_to_image(res.attn, res.prepared)  # nearest: every pixel carries its patch's weight
-        share = (attn * mask).sum(axis=(1, 2)) / attn.sum(axis=(1, 2))
+        # share of each head's attention (over patches) that lands on the object (the toolkit's one definition)
+        share = attention_mass_inside(res.attn, prep.geometry.mask_fraction(mask)).numpy()
         iou = (masks & mask).sum(axis=(1, 2)) / np.maximum((masks | mask).sum(axis=(1, 2)), 1)
         print(f"object covers {mask.mean():.0%} of the image")
         for h, (s, j) in enumerate(zip(share, iou)):

@@ -22,14 +22,13 @@ import numpy as np
 import torch
 
 from crate_vis import load_model
+from crate_vis.data.image_geometry import prepare_image
 from crate_vis.data.synthetic import write_dataset
-from crate_vis.data.transforms import resize_for_model, to_tensor
-from crate_vis.datasets.coco import COCODataset
+from crate_vis.groundtruth.coco import COCODataset
+from crate_vis.io.coco import result_entry, write_results
 from crate_vis.io.images import load_image
 from crate_vis.metrics import coco_ap, fg_jaccard
-from crate_vis.pretrained import default_weights
-from crate_vis.segmentation.coco_results import result_entry, write_results
-from crate_vis.segmentation.masks import grid_to_image, resized_size
+from crate_vis.models.pretrained import default_weights
 from crate_vis.segmentation.run import SegmentConfig, segment_batch
 
 
@@ -63,10 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         for image_id in data.image_ids:
             image = load_image(data.image_path(image_id))
             h, w = image.height, image.width
-            x = to_tensor(resize_for_model(image, patch, short_side=side))[None]  # (1, 3, h', w')
+            prep = prepare_image(image, patch, side)  # the photo, the model input and the geometry between them
             with torch.no_grad():
-                seg = segment_batch(model, x, config)[0]
-            masks = grid_to_image(seg.masks, (h, w), resized_size((h, w), side), patch)  # (K, H, W) bool
+                seg = segment_batch(model, prep.tensor[None], config)[0]  # (1, 3, h', w') in
+            masks = prep.grid_to_image(seg.masks)  # (K, H, W) bool, at the photo's own size
             results += [result_entry(image_id, m, s) for m, s in zip(masks, seg.scores)]
             preds.append(masks.any(axis=0) if len(masks) else np.zeros((h, w), bool))
             truths.append(np.any([i.mask for i in data.instances(image_id) if not i.iscrowd], axis=0))

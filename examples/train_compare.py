@@ -24,9 +24,9 @@ import torch
 
 from crate_vis.data.synthetic import SyntheticShapes
 from crate_vis.data.transforms import to_tensor
+from crate_vis.hooks import cls_attention_maps
 from crate_vis.metrics import fg_jaccard
 from crate_vis.segmentation import dino_foreground, upsample_masks
-from crate_vis.hooks import cls_attention_maps
 from crate_vis.train import resolve_config, train
 
 #: (CRATE name, timm name, ViT overrides): a ViT with CRATE's depth, heads and patch, its width set so the

@@ -20,7 +20,7 @@ import torch
 from crate_vis import CRATE, load_model
 from crate_vis.data.synthetic import SyntheticShapes
 from crate_vis.data.transforms import to_tensor
-from crate_vis.pretrained import default_weights
+from crate_vis.models.pretrained import default_weights
 from crate_vis.viz.plots import LayerSeries, plot_layer_metric, save_figure
 from crate_vis.whitebox import LayerStatsAccumulator, measure_layers
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crate_vis.utils.atomic import atomic_save, atomic_write, atomic_write_bytes, atomic_write_json
+from crate_vis.io.atomic import atomic_save, atomic_write, atomic_write_bytes, atomic_write_json
 
-ATOMIC_PY = Path(__file__).resolve().parents[1] / "crate_vis" / "utils" / "atomic.py"
+ATOMIC_PY = Path(__file__).resolve().parents[1] / "crate_vis" / "io" / "atomic.py"
 
 
 def _entries(folder: Path) -> list[str]:
@@ -246,7 +246,7 @@ def _call_name(call: ast.Call) -> str | None:
 
 
 def _direct_writes(source: str) -> list[tuple[int, str]]:
-    """Calls that write a file without going through :mod:`crate_vis.utils.atomic` (line, code).
+    """Calls that write a file without going through :mod:`crate_vis.io.atomic` (line, code).
 
     A write call is allowed inside an ``atomic_*`` call (``atomic_save(p, lambda tmp: fig.savefig(tmp))``), when it
     writes to the handle of a ``with atomic_write(...) as fh`` block, or when it writes to the path parameter of a
@@ -318,10 +318,10 @@ def test_every_package_write_goes_through_atomic():
     scripts = [p for folder in ("examples", "analysis") if (repo / folder).is_dir() for p in (repo / folder).rglob("*.py")]
     for path in sorted([*PACKAGE.rglob("*.py"), *scripts]):
         rel = path.relative_to(repo).as_posix()
-        if rel == "crate_vis/utils/atomic.py" or rel in _ALLOWED_DIRECT_WRITES:
+        if rel == "crate_vis/io/atomic.py" or rel in _ALLOWED_DIRECT_WRITES:
             continue
         offenders += [f"{rel}:{line}: {code}" for line, code in _direct_writes(path.read_text(encoding="utf-8"))]
     assert not offenders, (
-        "files written without crate_vis.utils.atomic (a kill mid-write would leave a partial file); wrap them in "
+        "files written without crate_vis.io.atomic (a kill mid-write would leave a partial file); wrap them in "
         "atomic_write / atomic_save:\n" + "\n".join(offenders)
     )

@@ -15,17 +15,21 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_train import make_image_folder
 
 from crate_vis.data.cache import (
-    CachedImageFolder, DecodedImageCache, cache_location, default_cache_root, default_cache_size, eval_cache_size,
+    CachedImageFolder,
+    DecodedImageCache,
+    cache_location,
+    default_cache_root,
+    default_cache_size,
+    eval_cache_size,
     open_cache,
 )  # fmt: skip
 from crate_vis.data.folders import ImageFolderDataset
 from crate_vis.io.images import load_image
 from crate_vis.train.config import TrainConfig
 from crate_vis.train.data import SeededSamples, build_transform
-
-from test_train import make_image_folder
 
 
 def _photos(root: Path) -> Path:

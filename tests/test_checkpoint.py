@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from crate_vis import CheckpointError, create_model, load_checkpoint, load_model, save_model
-from crate_vis.checkpoint import OFFICIAL_TO_CRATE_VIS, convert_official_state_dict, read_state_dict
 from crate_vis.cli import main as cli_main
-from crate_vis.pretrained import WeightsNotFoundError, get_record, resolve_weights
+from crate_vis.models.checkpoint import read_state_dict
+from crate_vis.models.conversion import OFFICIAL_TO_CRATE_VIS, convert_official_state_dict
+from crate_vis.models.pretrained import WeightsNotFoundError, get_record, resolve_weights
 
 DATA = Path(__file__).parent / "data"
 GOLDEN_CKPT = DATA / "crate_ref_a.pth.tar"

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 import crate_vis
-from crate_vis import pretrained
-from crate_vis.checkpoint import CheckpointError, checkpoint_arch, read_checkpoint, read_state_dict
-from crate_vis.pretrained import ChecksumError, WeightsNotFoundError, resolve_weights
+from crate_vis.models import pretrained
+from crate_vis.models.checkpoint import CheckpointError, checkpoint_arch, read_checkpoint, read_state_dict
+from crate_vis.models.pretrained import ChecksumError, WeightsNotFoundError, resolve_weights
 
 DATA = Path(__file__).parent / "data"
 GOLDEN = DATA / "crate_ref_a.pth.tar"
@@ -457,7 +457,7 @@ def test_non_string_keys(tmp_path):
 
 
 def test_saved_config_never_records_weight_sources():
-    from crate_vis.checkpoint import model_to_config
+    from crate_vis.models.checkpoint import model_to_config
 
     model = crate_vis.create_model("vit_tiny_patch16_224", img_size=32, num_classes=3)
     model.creation_kwargs = {**model.creation_kwargs, "checkpoint_path": "/x.pth", "pretrained_cfg_overlay": {}}

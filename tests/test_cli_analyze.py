@@ -11,8 +11,13 @@ from PIL import Image
 
 from crate_vis import create_model, save_model
 from crate_vis.cli import main
-from crate_vis.cli.analyze import prepare_square
+from crate_vis.data.image_geometry import prepare_image
 from crate_vis.whitebox import LayerStatsAccumulator, measure_layers
+
+
+def prepare_square(image, patch, side):
+    """analyze's input: the short side resized to ``side``, a centred square cut out (the one geometry module)."""
+    return prepare_image(image, patch, side, fit="center", max_side=None).tensor
 
 
 
@@ -86,5 +91,5 @@ def test_analyze_cli_max_images_and_failures(tmp_path, image_tree):
     # Size not divisible by the patch: a clear error, exit 1.
     assert main(["analyze", "--model", "crate_test_patch8_32", "--data", str(root), "--out", str(out),
                  "--img-size", "30"]) == 1  # fmt: skip
-    with pytest.raises(ValueError, match="multiple of the patch"):
+    with pytest.raises(ValueError, match="whole number of 8x8 patches"):
         prepare_square(Image.new("RGB", (20, 20)), (8, 8), 30)

@@ -72,10 +72,11 @@ def test_attention_exits_non_zero_when_nothing_could_be_read(photos, tmp_path: P
 
 
 def test_attention_same_names_in_different_folders(tmp_path: Path):
-    from crate_vis.cli.attention import output_names
+    from crate_vis.io.segment_output import output_names
 
+    # one naming rule for every command: parent folders joined by "__" only where stems clash
     a, b = _write(tmp_path / "ants" / "x.png", 32, 32, 0), _write(tmp_path / "bees" / "x.png", 32, 32, 1)
-    assert output_names([a, b, tmp_path / "y.png"]) == [f"{tmp_path.name}_ants_x", f"{tmp_path.name}_bees_x", "y"]
+    assert output_names([a, b, tmp_path / "y.png"]) == ["ants__x", "bees__x", "y"]
 
 
 def test_heads_crate_vs_vit_in_one_figure(photos, tmp_path: Path, capsys):
@@ -132,7 +133,7 @@ def test_heads_by_class_with_coco_ground_truth(tmp_path: Path, capsys):
 
 
 def test_select_images_spreads_and_groups(tmp_path: Path):
-    from crate_vis.cli.heads import select_images
+    from crate_vis.experiments.heads import select_images
     from crate_vis.segmentation.run import parse_heads
 
     for c in ("a", "b"):

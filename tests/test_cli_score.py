@@ -10,13 +10,23 @@ import pytest
 from PIL import Image
 
 from crate_vis.cli import main
-from crate_vis.datasets import COCODataset, VOCDataset, load_prediction_masks, open_dataset, voc_palette
-from crate_vis.metrics import coarse_miou, coco_ap, corloc, downsample_labels, fg_jaccard, mask_to_rle, masks_to_results
+from crate_vis.groundtruth import COCODataset, VOCDataset, open_dataset, voc_palette
+from crate_vis.io.coco import mask_to_rle, masks_to_results
+from crate_vis.io.segment_output import load_prediction_masks
+from crate_vis.metrics import coarse_miou, coco_ap, corloc, fg_jaccard
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 H, W = 24, 32
 
+
+
+def downsample_labels(labels, grid, void=255, extent=None):
+    """Majority label per cell of a grid laid over the labels (the scorers' geometry)."""
+    from crate_vis.data.image_geometry import ImageGeometry
+
+    lab = np.asarray(labels)
+    return ImageGeometry.covering(lab.shape, grid, extent).labels_to_grid(lab, void)
 
 def _score(capsys, *argv: str) -> tuple[int, str]:
     code = main(["score", *argv])
@@ -77,10 +87,11 @@ def test_jaccard_errors(capsys, mask_gt, tmp_path):
     code, out = _score(capsys, "--protocol", "jaccard", "--pred", str(pred_dir), "--gt", str(gt_dir))
     assert code == 1 and "1 of 3 ground-truth images have no prediction (img2)" in out
     code, out = _score(capsys, "--protocol", "jaccard", "--pred", str(pred_dir), "--gt", str(gt_dir), "--allow-missing", "--json")
-    assert code == 0 and json.loads(out)["n_missing"] == 1 and json.loads(out)["n_images"] == 2
+    # the missing image counts as an empty prediction (IoU 0 where it has an object), never silently dropped
+    assert code == 0 and json.loads(out)["n_missing"] == 1 and json.loads(out)["n_images"] == 3
     _png(np.zeros((H // 2, W // 2)), pred_dir / "img2.png")
     code, out = _score(capsys, "--protocol", "jaccard", "--pred", str(pred_dir), "--gt", str(gt_dir))
-    assert code == 1 and "prediction for image 'img2' is 12x16, the ground truth 24x32" in out
+    assert code == 1 and "img2: prediction: is 12x16, the ground truth 24x32" in out
     code, out = _score(capsys, "--protocol", "jaccard", "--pred", str(pred_dir), "--gt", str(gt_dir), "--resize-pred")
     assert code == 0
 
@@ -214,7 +225,7 @@ def test_coco_protocol_errors(capsys, coco_gt, tmp_path):
     assert code == 1 and "image ids the ground truth does not have: 404" in out
     bad.write_text(json.dumps([{k: v for k, v in results[0].items() if k != "segmentation"}]))
     code, out = _score(capsys, "--pred", str(bad), "--gt", str(gt), "--iou-type", "segm")
-    assert code == 1 and "missing field(s) 'segmentation'" in out
+    assert code == 1 and "the results hold boxes only: score them with --iou-type bbox" in out
     code, out = _score(capsys, "--pred", str(tmp_path / "nope.json"), "--gt", str(gt))
     assert code == 1 and "not found" in out
 
@@ -288,7 +299,6 @@ def test_segment_output_layout(capsys, coco_gt, tmp_path):
 
 def test_segment_cli_then_score_end_to_end(capsys, tmp_path):
     """What ``crate-vis segment`` writes is what ``score`` reads (tiny random model, three images)."""
-    pytest.importorskip("crate_vis.cli.segment")
     rng = np.random.default_rng(0)
     imgs, anns = [], []
     for k in range(3):
@@ -305,16 +315,16 @@ def test_segment_cli_then_score_end_to_end(capsys, tmp_path):
     assert main(["segment", str(gt), "--out", str(out), "--model", "crate_test_patch8_32", "--img-size", "32",
                  "--method", "maskcut", "--no-overlay"]) == 0  # fmt: skip
     capsys.readouterr()
-    from crate_vis.datasets import load_segment_output
+    from crate_vis.io.segment_output import load_segment_output
 
     seg = load_segment_output(out)
-    assert sorted(seg.masks) == ["im0", "im1", "im2"] and seg.image_ids["im0"] == 10
+    assert sorted(seg.masks) == ["im0.png", "im1.png", "im2.png"] and seg.image_ids["im0.png"] == 10
     res = json.loads(_score(capsys, "--pred", str(out), "--gt", str(gt), "--json")[1])
     results = json.loads((out / "results.json").read_text())
     assert res["segm"]["AP"] == coco_ap(gt, results)["AP"]
     res = json.loads(_score(capsys, "--protocol", "jaccard", "--pred", str(out), "--gt", str(gt), "--json")[1])
     ds = COCODataset(gt)
-    ref = fg_jaccard([seg.masks[f"im{k}"] for k in range(3)], [ds.foreground(10 + k) for k in range(3)])
+    ref = fg_jaccard([seg.masks[f"im{k}.png"] for k in range(3)], [ds.foreground(10 + k) for k in range(3)])
     assert res["union"] == pytest.approx(ref["union"])
     res = json.loads(_score(capsys, "--protocol", "miou", "--pred", str(out), "--gt", str(gt), "--json")[1])
     assert res["resolution"] == "token" and 0.0 <= res["miou"] <= 1.0
@@ -327,13 +337,17 @@ def test_images_sharing_a_stem_are_an_error(tmp_path):
     data = {"images": [{"id": 1, "width": 4, "height": 4, "file_name": "a/x.jpg"},
                        {"id": 2, "width": 4, "height": 4, "file_name": "b/x.jpg"}],
             "categories": [{"id": 1, "name": "t"}], "annotations": []}  # fmt: skip
-    with pytest.raises(ValueError, match="share the file stem 'x'"):
+    with pytest.raises(ValueError, match="match several ground-truth images"):
         score_jaccard(COCODataset(data), {"x": m[None]})
 
 
 def test_dataset_level_part_and_saliency_scores(mask_gt):
-    from crate_vis.metrics import head_part_scores, mask_to_grid, saliency_scores
+    from crate_vis.data.image_geometry import ImageGeometry
+    from crate_vis.metrics import head_part_scores, saliency_scores
     from crate_vis.metrics.scoring import score_head_parts, score_saliency
+
+    def mask_to_grid(m, grid):
+        return ImageGeometry.covering(m.shape, grid).mask_fraction(m)
 
     gt_dir, _, truth = mask_gt
     ds = open_dataset(gt_dir)
@@ -364,12 +378,15 @@ def test_coco128_ground_truth_as_prediction_scores_one(capsys, coco128_root, tmp
         np.save(head_dir / f"{stem}.npy", np.stack([low == c for c in np.unique(low) if c != 255]))
     common = ["--gt", str(gt), "--allow-missing", "--json"]
     res = json.loads(_score(capsys, "--protocol", "jaccard", "--pred", str(fg_dir), *common)[1])
-    assert res["mean"] == 1.0 and res["n_images"] == 6 and res["n_missing"] == 122
+    # the 122 images without a prediction count as empty predictions: IoU 1 where the image has no object, else 0
+    empty_gt = sum(not ds.foreground(i).any() for i in ds.image_ids if i not in ids)
+    assert res["n_images"] == 128 and res["n_missing"] == 122
+    assert res["mean"] == pytest.approx((6 + empty_gt) / 128)
     res = json.loads(_score(capsys, "--protocol", "miou", "--pred", str(head_dir), *common)[1])
     assert res["miou"] == pytest.approx(1.0) and res["resolution"] == "token"
     res = json.loads(_score(capsys, "--protocol", "corloc", "--pred", str(fg_dir), *common)[1])
     assert res["n_images"] == 126 and res["n_skipped"] == 2  # two coco128 images have no annotation
-    from crate_vis.metrics import mask_bbox
+    from crate_vis.io.coco import mask_bbox
 
     boxes = [mask_bbox(ds.foreground(i)) if ds.foreground(i).any() else None for i in ids]
     assert res["n_correct"] == corloc(boxes, [ds.boxes(i) for i in ids])["n_correct"]

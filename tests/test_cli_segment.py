@@ -17,12 +17,12 @@ from PIL import Image
 
 from crate_vis import create_model, save_model
 from crate_vis.cli import main
-from crate_vis.checkpoint import load_model
-from crate_vis.data.transforms import resize_for_model, to_tensor
+from crate_vis.data.image_geometry import prepare_image
+from crate_vis.data.transforms import to_tensor
 from crate_vis.hooks import cls_attention_maps
-from crate_vis.segmentation.coco_results import decode_mask
+from crate_vis.io.coco import rle_to_mask as decode_mask
+from crate_vis.models import load_model
 from crate_vis.segmentation.dino import dino_foreground
-from crate_vis.segmentation.masks import grid_to_image, resized_size
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,9 +79,10 @@ def test_segment_dino_outputs(tmp_path, tiny_ckpt):
         assert (rec["height"], rec["width"]) == (image.height, image.width)
         assert images[rec["image_id"]]["file_name"] == f"{path.parent.name}/{path.name}"
         # Independent recomputation: model input at the model's training size (short side 32), DINO mask, mapped back.
-        x = to_tensor(resize_for_model(image, 8, short_side=32))[None]
+        prep = prepare_image(image, 8, 32)
+        x = prep.tensor[None]
         fg = dino_foreground(cls_attention_maps(model, x), 0.6)[0].numpy()
-        expected = grid_to_image(fg, (image.height, image.width), resized_size((image.height, image.width), 32), 8)
+        expected = prep.grid_to_image(fg)
         mask_png = _png(out / rec["masks"][0]["file"])
         assert mask_png.shape == (image.height, image.width) and set(np.unique(mask_png)) <= {0, 255}
         np.testing.assert_array_equal(mask_png > 0, expected)
@@ -118,7 +119,7 @@ def test_segment_maskcut_coco_json_ids_and_image_root(tmp_path, tiny_ckpt):
         if len(ms) == 2:
             assert not (ms[0] & ms[1]).any()  # MaskCut masks are disjoint
     rec = json.loads((out / "images" / f"{paths[0].stem}.json").read_text())
-    assert rec["settings"]["tau"] == 0.15 and rec["input_size"] == [48, 64] and rec["grid"] == [6, 8]
+    assert rec["settings"]["tau"] == 0.15 and rec["geometry"]["input_hw"] == [48, 64] and rec["grid"] == [6, 8]
     assert json.loads((out / "run.json").read_text())["skipped"] == 1  # missing.png
 
 
@@ -142,7 +143,7 @@ def test_square_input_maps_back_to_the_image(tmp_path, tiny_ckpt):
             "--img-size", "40", "--mass", "0.8"]  # fmt: skip
     assert main(args) == 0
     rec = json.loads((out / "images" / "img00.json").read_text())
-    assert rec["input_size"] == [40, 40] and rec["grid"] == [5, 5] and rec["settings"]["square"] is True
+    assert rec["geometry"]["input_hw"] == [40, 40] and rec["grid"] == [5, 5] and rec["settings"]["square"] is True
     image = Image.open(path).convert("RGB")
     x = to_tensor(image.resize((40, 40), Image.BICUBIC))[None]
     fg = dino_foreground(cls_attention_maps(load_model(tiny_ckpt), x), 0.8)[0].numpy()
@@ -170,7 +171,10 @@ def test_skip_existing_only_with_the_same_settings(tmp_path, tiny_ckpt):
     time.sleep(0.01)
     assert main([*base, "--skip-existing"]) == 0
     assert rec_path.stat().st_mtime_ns == stamp  # skipped
-    assert main([*base, "--skip-existing", "--mass", "0.3"]) == 0
+    # other settings never mix into a folder: resuming with them is refused, overwriting recomputes everything
+    assert main([*base, "--skip-existing", "--mass", "0.3"]) == 1
+    assert json.loads(rec_path.read_text())["settings"]["mass"] == 0.6
+    assert main([*base, "--overwrite", "--mass", "0.3"]) == 0
     assert json.loads(rec_path.read_text())["settings"]["mass"] == 0.3  # recomputed
     assert len(json.loads((out / "results.json").read_text())) == 2
 
@@ -235,7 +239,7 @@ def test_coco128_results_load_with_pycocotools(tmp_path, coco128_root, tiny_ckpt
 
 
 def test_collect_inputs_names_ids_and_dedup(tmp_path):
-    from crate_vis.cli.segment import collect_inputs
+    from crate_vis.experiments.segment import collect_inputs
     from crate_vis.io.images import SkipReport
 
     for sub, name in [("a", "img.png"), ("b", "img.png"), ("b", "q.png"), ("b", "q.jpg")]:
@@ -262,7 +266,8 @@ def test_options_of_another_method_are_rejected(tmp_path, tiny_ckpt, capsys):
 def test_rle_round_trip_and_result_entries(tmp_path):
     from pycocotools import mask as mask_utils
 
-    from crate_vis.segmentation.coco_results import encode_mask, read_results, result_entry, rle_area, write_results
+    from crate_vis.io.coco import mask_to_rle as encode_mask
+    from crate_vis.io.coco import read_results, result_entry, rle_area, write_results
     from crate_vis.segmentation.masks import mask_bbox
 
     m = np.zeros((5, 9), bool)

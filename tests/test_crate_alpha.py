@@ -16,8 +16,8 @@ from crate_vis.models import crate_alpha
 from crate_vis.models.crate import MSSA, resample_pos_embed
 from crate_vis.models.crate_alpha import (
     CRATE_ALPHA_VARIANTS,
-    CRATEAlpha,
     OFFICIAL_TO_CRATE_VIS_ALPHA,
+    CRATEAlpha,
     convert_crate_alpha_state_dict,
 )
 from crate_vis.models.geometry import token_geometry

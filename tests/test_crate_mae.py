@@ -245,7 +245,9 @@ def test_non_square_input(model, io):
     table = model.position_table((4, 6))[0, 1:].double()
     omega = 1.0 / 10000 ** (np.arange(16) / 16.0)
     rows, cols = np.divmod(np.arange(24), 6)
-    enc = lambda p: np.concatenate([np.sin(np.outer(p, omega)), np.cos(np.outer(p, omega))], axis=1)
+    def enc(p):
+        return np.concatenate([np.sin(np.outer(p, omega)), np.cos(np.outer(p, omega))], axis=1)
+
     expected = torch.from_numpy(np.concatenate([enc(cols), enc(rows)], axis=1))
     assert (table - expected).abs().max() <= 1e-5
     assert torch.equal(model.position_table((4, 4)), model.decoder_pos_embed)

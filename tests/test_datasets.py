@@ -12,7 +12,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from crate_vis.datasets import (
+from crate_vis.groundtruth import (
     VOID,
     COCODataset,
     COCOPanopticDataset,
@@ -21,12 +21,12 @@ from crate_vis.datasets import (
     SegmentationDataset,
     VOCDataset,
     id_to_rgb,
-    load_prediction_masks,
     open_dataset,
     rgb_to_id,
     voc_palette,
 )
-from crate_vis.metrics.rle import mask_to_rle, mask_to_uncompressed_rle
+from crate_vis.io.coco import mask_to_rle, mask_to_uncompressed_rle
+from crate_vis.io.segment_output import load_prediction_masks
 
 # pycocotools' decode trips numpy 2's copy-keyword deprecation on every call
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -289,7 +289,7 @@ def test_prediction_folder_layouts(tmp_path):
 
 
 def test_label_png_modes(tmp_path):
-    from crate_vis.datasets import read_label_png
+    from crate_vis.io.images import read_label_png
 
     m = np.zeros((3, 4), np.uint8)
     m[1, 1:3] = 255

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from crate_vis.cli.emergence import experiment_module
+from crate_vis.experiments import emergence as emergence_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def em():
-    return experiment_module()
+    return emergence_module
 
 
 def test_matched_vit_has_crate_depth_heads_patch_and_close_parameter_count(em):

@@ -9,12 +9,10 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, top_k_accuracy_score
+from test_train import make_image_folder
 from torch import nn
 
 from crate_vis.train.evaluation import evaluate_model, write_eval_report
-
-from test_train import make_image_folder
-
 
 
 class Linear(nn.Module):

@@ -119,19 +119,23 @@ def test_mutated_images_load_or_raise_image_load_error(tmp_path, seed, mutations
 
 
 def test_unmutated_seeds_load():
-    for data, suffix in SEEDS:
+    for data, _suffix in SEEDS:
         buf = io.BytesIO(data)
         assert Image.open(buf).format  # each seed is a real file of its format
     assert len({s for _, s in SEEDS}) == 6
 
 
 _CHILD = r"""
-import importlib.util, json, random, sys, time
+import json, random, sys, time, types
 from pathlib import Path
 import numpy as np
-spec = importlib.util.spec_from_file_location("images", sys.argv[1])
-images = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(images)  # the module alone: importing the package would pull in torch
+# The loader and what it imports (crate_vis.errors, crate_vis.io) without the package's __init__, which would pull
+# in torch: a bare package module whose path is the source folder.
+package = types.ModuleType("crate_vis")
+package.__path__ = [str(Path(sys.argv[1]).parents[1])]
+sys.modules["crate_vis"] = package
+from crate_vis.io import images
+assert "torch" not in sys.modules
 seeds = json.loads(Path(sys.argv[2]).read_text())
 seeds = [(bytes.fromhex(h), s) for h, s in seeds]
 work, seconds, max_pixels = Path(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])

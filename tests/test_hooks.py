@@ -20,7 +20,6 @@ from crate_vis.hooks import (
 )
 
 
-
 def _hook_count(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 

@@ -372,7 +372,7 @@ def test_concurrent_loads_with_raised_and_default_limits(tmp_path):
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(one, jobs))
     assert results == ["refused" if i % 5 == 0 else (32, 32) for i in range(200)]
-    assert Image.MAX_IMAGE_PIXELS == saved  # every temporary raise was undone
+    assert saved == Image.MAX_IMAGE_PIXELS  # every temporary raise was undone
 
 
 def test_min_size(tmp_path):

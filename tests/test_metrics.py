@@ -10,11 +10,24 @@ import torch
 from sklearn.metrics import confusion_matrix as sk_confusion
 from sklearn.metrics import fbeta_score, jaccard_score
 
+from crate_vis import metrics as F
 from crate_vis import metrics as M
-from crate_vis.metrics import functional as F
+from crate_vis.data.image_geometry import ImageGeometry
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
+
+
+def downsample_labels(labels, grid, void=255, extent=None):
+    """Majority label per cell of a grid laid over the labels (the scorers' geometry)."""
+    lab = np.asarray(labels)
+    return ImageGeometry.covering(lab.shape, grid, extent).labels_to_grid(lab, void)
+
+
+def mask_to_grid(mask, grid, extent=None):
+    """Fraction of each cell covered by a mask (the scorers' geometry)."""
+    m = np.asarray(mask)
+    return ImageGeometry.covering(m.shape, grid, extent).mask_fraction(m)
 
 def _rng(seed: int = 0) -> np.random.Generator:
     return np.random.default_rng(seed)
@@ -22,8 +35,8 @@ def _rng(seed: int = 0) -> np.random.Generator:
 
 # ----------------------------------------------------------------------------------------------- doctests
 @pytest.mark.parametrize(
-    "module", ["crate_vis.metrics.functional", "crate_vis.metrics.rle", "crate_vis.metrics.classes",
-               "crate_vis.datasets.panoptic"]  # fmt: skip
+    "module", ["crate_vis.metrics.iou", "crate_vis.metrics.miou", "crate_vis.metrics.parts", "crate_vis.io.coco",
+               "crate_vis.metrics.jaccard", "crate_vis.groundtruth.panoptic"]  # fmt: skip
 )
 def test_docstring_examples_run(module):
     import importlib
@@ -97,29 +110,29 @@ def test_downsample_labels_majority_vote_by_hand():
     lab[:, 3:] = 2
     lab[0, 0] = 255
     lab[1, 0:2] = 1
-    out = F.downsample_labels(lab, (2, 2))
+    out = downsample_labels(lab, (2, 2))
     # top-left cell (rows 0-1, cols 0-2): labels 255, 0, 0, 1, 1, 0 -> 0 wins
     np.testing.assert_array_equal(out, [[0, 2], [0, 2]])
     # uneven split: 5 rows into 2 cells by pixel centre -> rows 0-1 and 2-4
     lab5 = np.zeros((5, 2), np.int64)
     lab5[3:] = 7
-    np.testing.assert_array_equal(F.downsample_labels(lab5, (2, 1)), [[0], [7]])
+    np.testing.assert_array_equal(downsample_labels(lab5, (2, 1)), [[0], [7]])
     lab5[2:] = 7
     lab5[3] = 4
-    np.testing.assert_array_equal(F.downsample_labels(lab5, (2, 1)), [[0], [7]])
+    np.testing.assert_array_equal(downsample_labels(lab5, (2, 1)), [[0], [7]])
     # a grid covering only the top 8 of 10 rows (the model input was cropped): rows 8-9 belong to no cell
     lab10 = np.repeat(np.array([0, 0, 0, 0, 5, 5, 5, 9, 9, 9])[:, None], 3, axis=1)
-    np.testing.assert_array_equal(F.downsample_labels(lab10, (2, 1)), [[0], [9]])
-    np.testing.assert_array_equal(F.downsample_labels(lab10, (2, 1), extent=(8, 3)), [[0], [5]])
-    np.testing.assert_allclose(F.mask_to_grid(lab10 == 9, (2, 1), extent=(8.0, 3.0)), [[0.0], [0.25]])
+    np.testing.assert_array_equal(downsample_labels(lab10, (2, 1)), [[0], [9]])
+    np.testing.assert_array_equal(downsample_labels(lab10, (2, 1), extent=(8, 3)), [[0], [5]])
+    np.testing.assert_allclose(mask_to_grid(lab10 == 9, (2, 1), extent=(8.0, 3.0)), [[0.0], [0.25]])
     with pytest.raises(ValueError, match="grid"):
-        F.downsample_labels(lab, (5, 2))
+        downsample_labels(lab, (5, 2))
 
 
 def test_mask_to_grid_fractions():
     m = np.zeros((4, 4), bool)
     m[0, :3] = True
-    np.testing.assert_allclose(F.mask_to_grid(m, (2, 2)), [[0.5, 0.25], [0, 0]])
+    np.testing.assert_allclose(mask_to_grid(m, (2, 2)), [[0.5, 0.25], [0, 0]])
 
 
 # ---------------------------------------------------------------------------------------- foreground Jaccard
@@ -188,10 +201,11 @@ def test_coarse_miou_hand_computed():
     heads[1, 2, :] = True  # class 2 plus two void cells (ignored)
     heads[1, 0, 0] = True  # one cell of class 0
     r = F.coarse_miou([heads], [lab])
-    # class 0: head0 IoU 0/8, head1 1/(4+2) -> 1/6; class 1: 1.0 (head 0); class 2: head1 2/(2+1) = 2/3
-    assert r["per_class"] == pytest.approx({0: 1 / 6, 1: 1.0, 2: 2 / 3})
-    assert r["miou"] == pytest.approx((1 / 6 + 1 + 2 / 3) / 3)
-    assert r["head_counts"] == {0: 1, 1: 2}
+    # class 0 (background): head0 0/8, head1 1/6, the non-void cells no head claims {(0,1), (1,0), (1,1)} 3/4;
+    # class 1: 1.0 (head 0); class 2: head1 2/(2+1) = 2/3 (void cells ignored)
+    assert r["per_class"] == pytest.approx({0: 3 / 4, 1: 1.0, 2: 2 / 3})
+    assert r["miou"] == pytest.approx((3 / 4 + 1 + 2 / 3) / 3)
+    assert r["head_counts"] == {0: 1, 1: 1}
     r_nobg = F.coarse_miou([heads], [lab], include_background=False)
     assert r_nobg["miou"] == pytest.approx((1 + 2 / 3) / 2)
 
@@ -199,13 +213,13 @@ def test_coarse_miou_hand_computed():
 def test_coarse_miou_mean_over_images_then_classes():
     lab_a = np.array([[0, 1]])
     lab_b = np.array([[3, 3]])
-    ha = np.array([[[0, 1]]], bool)  # class 0 IoU 0, class 1 IoU 1 -> image 0.5
+    ha = np.array([[[0, 1]]], bool)  # class 0 (the unclaimed cell) IoU 1, class 1 IoU 1 -> image 1.0
     hb = np.array([[[1, 0]]], bool)  # class 3 IoU 0.5 -> image 0.5
     r = F.coarse_miou([ha, hb], [lab_a, lab_b])
-    assert r["miou"] == pytest.approx(0.5)
+    assert r["miou"] == pytest.approx(0.75)
     all_void = np.full((1, 2), 255)
     r2 = F.coarse_miou([ha, hb, ha], [lab_a, lab_b, all_void])
-    assert r2["miou"] == pytest.approx(0.5) and r2["n_skipped"] == 1
+    assert r2["miou"] == pytest.approx(0.75) and r2["n_skipped"] == 1
 
 
 def test_coarse_miou_against_sklearn_binary_jaccard():
@@ -214,12 +228,13 @@ def test_coarse_miou_against_sklearn_binary_jaccard():
     heads = rng.random((5, 7, 9)) < 0.5
     r = F.coarse_miou([heads], [lab])
     for c, v in r["per_class"].items():
-        ref = max(jaccard_score((lab == c).ravel(), h.ravel()) for h in heads)
+        candidates = [*heads, ~heads.any(0)] if c == 0 else heads  # the background may also be what no mask claims
+        ref = max(jaccard_score((lab == c).ravel(), h.ravel()) for h in candidates)
         assert v == pytest.approx(ref)
 
 
 def test_coarse_miou_size_error_and_batches():
-    with pytest.raises(ValueError, match="downsample the labels"):
+    with pytest.raises(ValueError, match="token grid first"):
         F.coarse_miou([np.zeros((2, 3, 3), bool)], [np.zeros((6, 6), int)])
     rng = _rng(6)
     masks = rng.random((6, 3, 5, 5)) < 0.5
@@ -274,7 +289,7 @@ def test_head_part_scores_pooled_ratio():
     np.testing.assert_allclose(m.compute()["per_head"], r["per_head"])
     uniform = F.head_part_scores([np.ones((1, 6, 6))], [fg[0]])
     assert uniform["per_head"][0] == pytest.approx(uniform["chance"])
-    with pytest.raises(ValueError, match="mask_to_grid"):
+    with pytest.raises(ValueError, match="mask_fraction"):
         F.head_part_scores([np.ones((2, 6, 6))], [np.ones((12, 12))])
     with pytest.raises(ValueError, match="non-negative"):
         F.head_part_scores([-np.ones((2, 6, 6))], [np.ones((6, 6))])

@@ -6,15 +6,16 @@ import contextlib
 import io
 import json
 
+import cv2
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-import cv2
 
-from crate_vis.datasets import COCODataset
-from crate_vis.metrics import COCO_STAT_NAMES, CocoAP, coco_ap, mask_to_rle, masks_to_results
+from crate_vis.groundtruth import COCODataset
+from crate_vis.io.coco import mask_to_rle, masks_to_results
+from crate_vis.metrics import COCO_STAT_NAMES, CocoAP, coco_ap
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -158,7 +159,7 @@ def test_empty_predictions_give_zero_not_an_error():
         ([{"image_id": 9, "score": 0.5, "segmentation": mask_to_rle(np.ones((20, 20)))}], "image ids the ground truth does not have: 9"),
         ([{"image_id": 1, "segmentation": mask_to_rle(np.ones((20, 20)))}], r"results\[0\]: missing field.*'score'"),
         ([{"image_id": 1, "score": 0.5}], r"missing field.*'segmentation'"),
-        ([{"image_id": 1, "score": 0.5, "segmentation": mask_to_rle(np.ones((10, 20)))}], "mask of size 10x20 for image 1 of size 20x20"),
+        ([{"image_id": 1, "score": 0.5, "segmentation": mask_to_rle(np.ones((10, 20)))}], "image 1: RLE of size 10x20 for an image of 20x20"),
         ([{"image_id": 1, "score": float("nan"), "segmentation": mask_to_rle(np.ones((20, 20)))}], "finite"),
         ([{"image_id": 1, "score": 0.5, "segmentation": [[0, 0, 1, 1, 2, 2]]}], "RLE"),
     ],

@@ -15,6 +15,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+
 @pytest.fixture(scope="module")
 def wb():
     return pytest.importorskip("crate_vis.whitebox")

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from crate_vis.parts import (
+from crate_vis.metrics import attention_mass_inside as mass_inside
+from crate_vis.metrics import mask_iou_per_head as mask_iou
+from crate_vis.metrics.parts import (
     attended_centroids,
     centroid_consistency,
     head_consistency,
     head_distributions,
-    mask_iou,
-    mass_inside,
     part_assignment,
     part_entropy,
 )

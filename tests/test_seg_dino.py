@@ -14,7 +14,7 @@ from crate_vis.segmentation.dino import (
     dino_masks,
     dino_threshold,
 )
-from crate_vis.segmentation.masks import grid_to_image, largest_component, upsample_masks
+from crate_vis.segmentation.masks import largest_component, upsample_masks
 
 
 def _golden_cls_attention(golden) -> torch.Tensor:
@@ -124,17 +124,3 @@ def test_attention_maps_and_contrast():
     assert attention_contrast(a, a > 0) == 1.0
     assert attention_contrast(np.ones((2, 2)), np.eye(2, dtype=bool)) == 0.0
     assert attention_contrast(a, np.zeros((2, 2), bool)) == 0.0
-
-
-def test_grid_to_image_respects_the_crop():
-    grid = np.arange(12).reshape(3, 4)
-    # An image of 50x70 resized to 24x34 (short side 24) is cropped by patch 8 to 24x32: the last 2 columns of the
-    # resized frame, i.e. the right edge of the original, map onto the last patch column.
-    out = grid_to_image(grid, (50, 70), (24, 34), 8)
-    assert out.shape == (50, 70)
-    assert out[0, 0] == 0 and out[-1, -1] == 11
-    cols = np.floor((np.arange(70) + 0.5) * 34 / 70 / 8).clip(0, 3).astype(int)
-    np.testing.assert_array_equal(out[0], grid[0, cols])
-    # Identity geometry reproduces nearest upsampling by the patch size.
-    m = np.random.default_rng(0).random((3, 4)) > 0.5
-    np.testing.assert_array_equal(grid_to_image(m, (24, 32), (24, 32), 8), upsample_masks(torch.from_numpy(m), 8).numpy())

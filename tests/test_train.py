@@ -17,7 +17,6 @@ from crate_vis.train import NonFiniteLossError, Trainer, resolve_config, topk_co
 from crate_vis.train.config import TrainConfig, list_recipes, load_recipe
 
 
-
 def make_image_folder(root: Path, classes=("ants", "bees"), per_class: int = 6, size: int = 24, seed: int = 0) -> Path:
     """``root/{train,val}/<class>/*.png``: class ``k`` is tinted towards colour channel ``k``."""
     rng = np.random.default_rng(seed)
@@ -116,8 +115,8 @@ def test_gradient_clipping_is_applied(tmp_path):
         seen = []
         step = trainer.optimizer.step
 
-        def recording_step(*a, _step=step, _seen=seen, **k):
-            grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+        def recording_step(*a, _step=step, _seen=seen, _model=trainer.model, **k):
+            grads = [p.grad for p in _model.parameters() if p.grad is not None]
             _seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
             return _step(*a, **k)
 

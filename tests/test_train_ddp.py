@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_train import make_image_folder
 
 DRIVER = """

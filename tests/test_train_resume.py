@@ -8,12 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_train import make_image_folder
 
 from crate_vis.train import resolve_config, train
 from crate_vis.train.checkpointing import capture_rng_state, restore_rng_state, save_training_state
-
-from test_train import make_image_folder
-
 
 
 def test_rng_state_round_trip_through_weights_only_file(tmp_path):
@@ -121,9 +119,10 @@ def test_resume_and_worker_count_do_not_change_the_result(tmp_path, cache):
 
 
 def test_sample_augmentation_depends_only_on_seed_epoch_and_index():
+    from PIL import Image
+
     from crate_vis.train.config import TrainConfig
     from crate_vis.train.data import SeededSamples, build_transform
-    from PIL import Image
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
     tf = build_transform(TrainConfig(img_size=16, color_jitter=0.4, crop_scale=[0.1, 1.0]), True)

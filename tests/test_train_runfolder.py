@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import TensorSet, make_image_folder, tiny_cfg
 
 from crate_vis.errors import RunFolderError
 from crate_vis.train import Trainer, train
 from crate_vis.train.checkpointing import DiskFullError, is_disk_full
 from crate_vis.train.runlock import LOCK_NAME, RunLock, read_lock
-
-from test_train import TensorSet, make_image_folder, tiny_cfg
 
 HOLDER = """
 import sys, time

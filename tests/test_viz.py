@@ -1,4 +1,4 @@
-"""Plotting API: geometry back onto the photo, overlays, contours, grids, figures and atomic saving."""
+"""Plotting API: overlays, contours, grids, figures and atomic saving."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from crate_vis.data.image_geometry import prepare_image
 from crate_vis.viz import (
     OKABE_ITO,
     HeadBlock,
@@ -23,15 +24,12 @@ from crate_vis.viz import (
     head_grid_figure,
     heatmap_overlay,
     image_grid,
-    map_to_image,
     mask_contours,
     mask_overlay,
-    mask_to_grid,
     part_map_overlay,
     pca_figure,
     pca_rgb_image,
     plot_layer_metric,
-    prepare_image,
     rollout_figure,
     save_figure,
 )
@@ -41,65 +39,6 @@ from crate_vis.viz.colors import hex_to_rgb
 def _photo(h: int = 50, w: int = 90, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-# ------------------------------------------------------------------------------------------------------ geometry
-def test_prepare_image_keeps_aspect_and_whole_patches():
-    prep = prepare_image(_photo(50, 90), 8, short_side=32)
-    assert prep.original_hw == (50, 90)
-    assert prep.resized_hw == (32, 58)  # 90 * 32 / 50 = 57.6 -> 58
-    assert prep.input_hw == (32, 56) and prep.grid == (4, 7)
-    assert prep.tensor.shape == (3, 32, 56)
-
-
-def test_map_to_image_nearest_puts_each_patch_where_it_was():
-    prep = prepare_image(_photo(50, 90), 8, short_side=32)
-    grid = torch.arange(28, dtype=torch.float32).reshape(4, 7)
-    out = map_to_image(grid, prep)
-    assert out.shape == (50, 90)  # the photo's size: no stretching, no crop
-    scale = 50 / 32  # photo pixels per model-input pixel, the same along both axes (aspect kept)
-    for gy, gx in [(0, 0), (1, 3), (3, 6), (2, 5)]:
-        # The centre of patch (gy, gx) in the model input, in photo pixels.
-        y, x = int((gy * 8 + 4) * scale), int((gx * 8 + 4) * scale)
-        assert out[y, x] == grid[gy, gx]
-    # The cropped strip at the right (56..58 model pixels) repeats the last column.
-    assert (out[:, -1] == out[:, int(55.5 * scale)]).all()
-
-
-def test_map_to_image_keeps_dtype_and_batch():
-    prep = prepare_image(_photo(40, 24), 8, short_side=16)
-    masks = torch.rand(3, *prep.grid) > 0.5
-    up = map_to_image(masks, prep)
-    assert up.dtype == bool and up.shape == (3, 40, 24)
-    labels = torch.randint(-1, 3, prep.grid)
-    up_l = map_to_image(labels, prep)
-    assert up_l.dtype == np.int64 and set(np.unique(up_l)) <= {-1, 0, 1, 2}
-    smooth = map_to_image(torch.rand(2, *prep.grid), prep, mode="bilinear")
-    assert smooth.shape == (2, 40, 24) and smooth.dtype == np.float32
-    with pytest.raises(ValueError, match="grid"):
-        map_to_image(torch.rand(3, 3), prep)
-
-
-@pytest.mark.parametrize("hw", [(50, 90), (90, 50), (64, 64), (37, 101)])
-def test_mask_round_trip_through_the_photo(hw):
-    prep = prepare_image(_photo(*hw), 8, short_side=32)
-    grid = torch.rand(*prep.grid, generator=torch.Generator().manual_seed(hw[0])) > 0.5
-    assert np.array_equal(mask_to_grid(map_to_image(grid, prep), prep), grid.numpy())
-
-
-def test_shrink_for_display_keeps_aspect_and_alignment():
-    from crate_vis.viz import shrink_for_display
-
-    prep = prepare_image(_photo(120, 200), 8, short_side=32)
-    small = shrink_for_display(prep, 50)
-    assert small.original_hw == (30, 50) and small.grid == prep.grid
-    assert shrink_for_display(prep, 500) is prep
-    grid = torch.arange(np.prod(prep.grid), dtype=torch.float32).reshape(prep.grid)
-    big, little = map_to_image(grid, prep), map_to_image(grid, small)
-    assert little.shape == (30, 50)
-    # Same patch under the same relative position (pixel centres, away from patch borders).
-    for y, x in [(3, 4), (15, 26), (27, 45)]:
-        assert little[y, x] == big[int((y + 0.5) * 4), int((x + 0.5) * 4)]
 
 
 def test_attention_opacity():
@@ -125,7 +64,7 @@ def test_heatmap_overlay_alpha_extremes():
     full = heatmap_overlay(img, heat, alpha=1.0, cmap="viridis")
     expected = np.clip(matplotlib.colormaps["viridis"](heat)[..., :3] * 255 + 0.5, 0, 255).astype(np.uint8)
     assert np.abs(full.astype(int) - expected.astype(int)).max() <= 1
-    with pytest.raises(ValueError, match="map_to_image"):
+    with pytest.raises(ValueError, match="grid_to_image"):
         heatmap_overlay(img, np.zeros((5, 5)))
 
 
@@ -239,7 +178,7 @@ def test_layer_metric_plot_with_baseline():
 
 def test_rollout_and_pca_figures():
     img = np.asarray(_photo(50, 90))
-    prep = prepare_image(_photo(50, 90), 8, short_side=32)
+    prep = prepare_image(_photo(50, 90), 8, 32)
     fig = rollout_figure(img, np.random.default_rng(0).random(prep.grid), prep)
     assert len(fig.axes) == 2
     rgb = pca_rgb_image(np.random.default_rng(1).random((*prep.grid, 3)), prepared=prep)
@@ -251,14 +190,14 @@ def test_rollout_and_pca_figures():
 @pytest.mark.parametrize("name", ["crate_test_patch8_32", "test_vit"])
 def test_image_attention_matches_the_hooks_and_a_full_forward(name):
     from crate_vis import create_model
+    from crate_vis.experiments.attention import image_attention
     from crate_vis.hooks import FeatureRecorder, cls_attention_maps
-    from crate_vis.viz.attention import image_attention
 
     torch.manual_seed(0)
     model = create_model(name).eval()
     photo = _photo(40, 72)
     for layer in (0, -1):
-        res = image_attention(model, photo, layer=layer, short_side=32, features=True)
+        res = image_attention(model, photo, layer=layer, size=32, features=True)
         x = res.prepared.tensor[None]
         torch.testing.assert_close(res.attn, cls_attention_maps(model, x, layer=layer)[0])
         # Features recorded on the early-stopped pass equal those of a full forward pass.

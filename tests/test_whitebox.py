@@ -24,7 +24,6 @@ from crate_vis.whitebox import (
 )
 
 
-
 def _np_logdet(m: np.ndarray) -> float:
     sign, val = np.linalg.slogdet(m)
     assert sign > 0

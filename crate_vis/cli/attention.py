@@ -1,21 +1,15 @@
 """``crate-vis attention``: per-head CLS attention overlays and DINO masks, one figure per image.
 
-Each figure shows the photo, the mean over heads and every head of the chosen layer as heat maps, with each map's
-DINO-style mask below it, all at the photo's own resolution and aspect ratio.
+Argument parsing only: the work is :func:`crate_vis.experiments.attention.attention_figures`.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-from collections import Counter
-from pathlib import Path
 
-from .common import add_model_args, resolve_model
+from .common import add_model_args, print_report, resolve_command_model
 
-__all__ = ["add_arguments", "run", "output_names"]
-
-log = logging.getLogger(__name__)
+__all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,9 +25,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layer", "-l", type=int, default=-1, help="layer index, negative counts from the end")
     parser.add_argument("--img-size", type=int, default=None,
                         help="short side of the model input in pixels (default: the model's training size)")  # fmt: skip
+    parser.add_argument("--max-side", type=int, default=2048,
+                        help="skip images whose model input would be longer than this (default 2048)")
     parser.add_argument("--mass", type=float, default=0.6, help="fraction of each head's attention kept by its mask")
     parser.add_argument("--per-head", action="store_true",
                         help="also write each head's overlay and mask as PNGs at the photo's resolution")  # fmt: skip
+    parser.add_argument("--rollout", action="store_true", help="also draw attention rollout over all layers")
+    parser.add_argument("--pca", action="store_true",
+                        help="also draw the first three principal components of the layer's patch features")
+    parser.add_argument("--save-maps", action="store_true",
+                        help="also save each image's CLS attention (heads, h, w) as maps/<name>.npy "
+                             "(score them with crate-vis score --protocol parts)")  # fmt: skip
     parser.add_argument("--format", choices=("png", "pdf", "svg"), default="png", help="figure format")
     parser.add_argument("--dpi", type=int, default=200, help="figure resolution")
     parser.add_argument("--smooth", action="store_true",
@@ -47,89 +49,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
 
 
-def output_names(paths: list[Path]) -> list[str]:
-    """A file-name stem per image: the image's stem, prefixed with its folder names when stems collide."""
-    stems = [p.stem for p in paths]
-    dup = {s for s, n in Counter(stems).items() if n > 1}
-    names = []
-    for p in paths:
-        if p.stem not in dup:
-            names.append(p.stem)
-            continue
-        parts = [q for q in p.parent.parts[-2:] if q not in ("", "/")]
-        names.append("_".join(parts + [p.stem]))
-    # Identical folder tails can still collide: number what remains.
-    seen: Counter[str] = Counter()
-    out = []
-    for n in names:
-        seen[n] += 1
-        out.append(n if seen[n] == 1 else f"{n}_{seen[n]}")
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     """Write one attention figure per readable image; returns the exit status."""
-    from ..io.images import SkipReport, iter_images, list_images
-    from ..viz.attention import check_layer, image_attention, model_label
-    from ..viz.overlay import attention_opacity, heatmap_overlay, map_to_image, mask_overlay, shrink_for_display
-    from ..viz.plots import attention_figure, save_figure
+    from ..experiments.attention import AttentionConfig, attention_figures
 
-    if not 0.0 < args.mass <= 1.0:
-        raise ValueError(f"--mass must be in (0, 1], got {args.mass}")
-    paths: list[Path] = []
-    for item in args.images:
-        found = list_images(item) if Path(item).is_dir() else [Path(item)]
-        if not found:
-            log.warning("no images found in %s", item)
-        paths += found
-    if not paths:
-        raise FileNotFoundError(f"no images given or found in {', '.join(args.images)}")
-    model = resolve_model(args.checkpoint, args.model, args.num_classes, args.device)
-    layer = check_layer(model, args.layer)
-    out_dir = Path(args.out)
-    names = dict(zip(paths, output_names(paths)))
-    mode = "bilinear" if args.smooth else "nearest"
-    report = SkipReport(strict=args.strict)
-    label = model_label(model)
-    for path, image in iter_images(paths, report):
-        try:
-            res = image_attention(model, image, layer=layer, short_side=args.img_size, mass=args.mass)
-        except ValueError as err:  # e.g. a photo smaller than one patch
-            report.add(path, str(err))
-            continue
-        full = res.prepared
-        prep = shrink_for_display(full, args.display_size)  # figure panels: aspect kept, pixels bounded
-        # Colour runs from the uniform share (dark: no preference) to the head's peak (bright), see
-        # attention_opacity: near-uniform heads are not stretched into false contrast.
-        strength = attention_opacity(res.attn)  # (K, gh, gw) in [0, 1]
-        mean_strength = attention_opacity(res.mean_attn)  # (gh, gw)
-        heat = map_to_image(strength, prep, mode)  # (K, H', W')
-        masks = map_to_image(res.masks, prep)  # (K, H', W') bool
-        mean_heat = map_to_image(mean_strength, prep, mode)
-        mean_mask = map_to_image(res.mean_mask, prep)
-        head_mass = res.attn.sum(dim=(-2, -1)).tolist()
-        gh, gw = full.grid
-        title = (f"{path.name}  ·  {label}, layer {layer}  ·  input {full.input_hw[1]}x{full.input_hw[0]} px, "
-                 f"{gw}x{gh} patches\ncolour: attention from the uniform share (dark) to the head's peak (bright)  ·  "
-                 f"Σ: attention on patches (the rest goes to CLS)")  # fmt: skip
-        fig = attention_figure(prep.original, heat, masks, mean_heat, mean_mask, head_mass=head_mass, title=title,
-                               max_cols=args.max_cols, cmap=args.cmap, mass=args.mass,
-                               cell_width=args.cell_width, normalize="none")  # fmt: skip
-        name = names[path]
-        dest = save_figure(fig, out_dir / f"{name}.{args.format}", dpi=args.dpi)
-        fig.clear()
-        if args.per_head:
-            # At the photo's full resolution, one map at a time so that large photos stay within memory.
-            sub = out_dir / name
-            img = full.original
-            mean_full = map_to_image(mean_strength, full, mode)
-            save_figure(heatmap_overlay(img, mean_full, cmap=args.cmap, normalize="none"), sub / "mean.png")
-            save_figure(mask_overlay(img, map_to_image(res.mean_mask, full)), sub / "mean_mask.png")
-            for k in range(res.num_heads):
-                heat_k = map_to_image(strength[k], full, mode)
-                save_figure(heatmap_overlay(img, heat_k, cmap=args.cmap, normalize="none"), sub / f"head{k:02d}.png")
-                save_figure(mask_overlay(img, map_to_image(res.masks[k], full)), sub / f"head{k:02d}_mask.png")
-        report.processed += 1
-        print(dest)
-    print(report.summary())
+    config = AttentionConfig(
+        layer=args.layer, size=args.img_size, max_side=args.max_side, mass=args.mass, per_head=args.per_head,
+        fmt=args.format, dpi=args.dpi, smooth=args.smooth, cmap=args.cmap, max_cols=args.max_cols,
+        cell_width=args.cell_width, display_size=args.display_size, rollout=args.rollout, pca=args.pca,
+        save_maps=args.save_maps, strict=args.strict,
+    )  # fmt: skip
+    report = attention_figures(args.images, resolve_command_model(args), args.out, config)
+    print_report(report)
     return report.exit_code()

@@ -1,16 +1,11 @@
-"""Arguments and helpers shared by the sub-commands."""
+"""Arguments and helpers shared by the sub-commands: the model options, progress bars, the skip report."""
 
 from __future__ import annotations
 
 import argparse
-import logging
+from typing import Any
 
-import torch
-from torch import nn
-
-__all__ = ["add_model_args", "add_device_arg", "resolve_device", "resolve_model"]
-
-log = logging.getLogger(__name__)
+__all__ = ["add_model_args", "add_device_arg", "add_progress_arg", "resolve_command_model", "print_report"]
 
 
 def add_device_arg(parser: argparse.ArgumentParser) -> None:
@@ -18,54 +13,61 @@ def add_device_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """The device named, or cuda when available, else cpu."""
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def add_progress_arg(parser: argparse.ArgumentParser) -> None:
+    """``--no-progress`` (progress bars are also off when stderr is not a terminal)."""
+    parser.add_argument("--no-progress", action="store_false", dest="progress", default=None,
+                        help="no progress bar (default: shown when writing to a terminal)")  # fmt: skip
 
 
 def add_model_args(parser: argparse.ArgumentParser, allow_many: bool = False) -> None:
-    """``--checkpoint`` / ``--model`` / ``--pretrained`` / ``--device``.
+    """``--checkpoint`` / ``--model`` / ``--num-classes`` / ``--device``.
 
     Args:
         parser: the sub-command's parser.
         allow_many: ``--model`` may be given several times (comparison figures).
     """
     parser.add_argument("--checkpoint", "-c", default=None,
-                        help="project-format weights (folder or .safetensors) or any checkpoint with --model")  # fmt: skip
+                        help="weights: a project folder or .safetensors, a run folder or its last.pt/best.pt, or any "
+                             "checkpoint with --model (default: the embedded default model)")  # fmt: skip
     if allow_many:
         parser.add_argument("--model", "-m", action="append", default=None,
-                            help="registered model name (CRATE or timm ViT); repeat to compare models")  # fmt: skip
+                            help="model name (CRATE family or timm ViT) or weights as for --checkpoint; repeat to "
+                                 "compare models")  # fmt: skip
     else:
-        parser.add_argument("--model", "-m", default=None, help="registered model name (CRATE or timm ViT)")
+        parser.add_argument("--model", "-m", default=None, help="model name (CRATE family or timm ViT)")
     parser.add_argument("--num-classes", type=int, default=None, help="classifier size for --model with a checkpoint")
     add_device_arg(parser)
 
 
-def resolve_model(
-    checkpoint: str | None, model_name: str | None, num_classes: int | None = None, device: str | None = None
-) -> nn.Module:
-    """Build the model a command should use, in eval mode on ``device``.
+def resolve_command_model(args: argparse.Namespace, model: str | None = None) -> Any:
+    """The model a command's ``--checkpoint`` / ``--model`` name (:func:`crate_vis.models.resolve_model`).
 
-    * ``checkpoint`` alone: a project-format checkpoint, rebuilt from its config.
-    * ``model_name`` and ``checkpoint``: build ``model_name`` and load the checkpoint (any layout) strictly.
-    * ``model_name`` alone: random weights (a warning says so).
-    * neither: the embedded default weights.
+    A ``--model`` value that is a path (a project folder, a run folder, ``last.pt``) is taken as weights.
     """
-    from ..checkpoint import load_checkpoint, load_model
-    from ..models import create_model
-    from ..pretrained import default_weights
+    from pathlib import Path
 
-    dev = resolve_device(device)
-    if checkpoint and not model_name:
-        return load_model(checkpoint, device=dev)
-    if model_name:
-        kwargs = {"num_classes": num_classes} if num_classes is not None else {}
-        model = create_model(model_name, **kwargs)
-        if checkpoint:
-            load_checkpoint(model, checkpoint, strict=True)
-        else:
-            log.warning("%s has random weights (no --checkpoint given)", model_name)
-        return model.to(dev).eval()
-    return load_model(default_weights(), device=dev)
+    from ..models import resolve_model
+
+    name = model if model is not None else args.model
+    if name is not None and Path(name).exists():
+        return resolve_model(name, None, num_classes=args.num_classes, device=args.device)
+    return resolve_model(args.checkpoint, name, num_classes=args.num_classes, device=args.device)
+
+
+def print_report(report: Any) -> None:
+    """The skip report's summary (counts, then each skipped file)."""
+    print(report.summary())
+
+
+def key_value(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``--model-arg`` / ``--set``: the value read as YAML (numbers, lists, booleans)."""
+    import yaml
+
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"cannot read the value of {text!r}") from None
+    return key.strip().replace("-", "_"), parsed

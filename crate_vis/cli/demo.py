@@ -39,7 +39,7 @@ def _step(title: str, argv: list[str]) -> int:
 def run(args: argparse.Namespace) -> int:
     """Write the demo images, then segment, score and draw them."""
     from ..data.synthetic import write_dataset
-    from ..pretrained import default_weights
+    from ..models.pretrained import default_weights
 
     if args.images < 1:
         raise ValueError(f"--images must be at least 1, got {args.images}")

@@ -1,98 +1,105 @@
-"""``crate-vis info``, ``list-models`` and ``convert``."""
+"""``crate-vis info``, ``list-models`` and ``convert``: argument parsing over :mod:`crate_vis.models`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-import torch
+from .common import add_model_args, key_value, resolve_command_model
 
-from ..checkpoint import checkpoint_arch, load_checkpoint, read_checkpoint, save_model
-from ..models import CRATE, create_model, list_models, token_geometry
-from ..pretrained import list_weights
-from .common import add_model_args, resolve_model
-
-#: Official ``--arch`` names (main.py / finetune.py) -> registered names.
-OFFICIAL_ARCH = {
-    "CRATE_tiny": "crate_tiny_patch16_224",
-    "CRATE_small": "crate_small_patch16_224",
-    "CRATE_base": "crate_base_patch16_224",
-    "CRATE_large": "crate_large_patch16_224",
-}
+__all__ = ["add_arguments_info", "run_info", "add_arguments_list_models", "run_list_models",
+           "add_arguments_convert", "run_convert"]  # fmt: skip
 
 
 def add_arguments_info(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``crate-vis info`` (no model given: the embedded default)."""
     add_model_args(p)
     p.add_argument("--img-size", type=int, nargs="+", default=None, help="input size H [W] for the geometry/FLOPs")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--json", action="store_true", help="print the same information as JSON")
 
 
 def run_info(args: argparse.Namespace) -> int:
-    model = resolve_model(args.checkpoint, args.model or (None if args.checkpoint else "crate_tiny_patch16_224"),
-                          args.num_classes, args.device)  # fmt: skip
-    size = args.img_size or (list(model.image_size) if isinstance(model, CRATE) else [224])
-    hw = (size[0], size[-1])
-    geo = token_geometry(model, hw)
-    info = {
-        "model": getattr(model, "model_name", None) or type(model).__name__,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "input": list(hw),
-        "patch_size": list(geo.patch_size),
-        "grid": list(geo.grid),
-        "prefix_tokens": geo.num_prefix_tokens,
-        "tokens": geo.num_tokens,
-    }
-    if isinstance(model, CRATE):
-        info.update(config=model.config, gflops=round(model.flops_per_image(*hw) / 1e9, 3))
-        with torch.no_grad():
-            logits = model(torch.zeros(1, model.config["channels"], *hw, device=next(model.parameters()).device))
-        info["output"] = list(logits.shape)
+    """Print the model summary."""
+    from ..errors import UsageError
+    from ..models.factory import model_summary
+
+    if args.img_size is not None and (len(args.img_size) > 2 or min(args.img_size) < 1):
+        raise UsageError(f"--img-size takes H [W] as positive numbers, got {' '.join(map(str, args.img_size))}")
+    model = resolve_command_model(args)
+    hw = None if args.img_size is None else (args.img_size[0], args.img_size[-1])
+    info = model_summary(model, hw)
+    if not args.checkpoint and not args.model:
+        info["weights_source"] = "the embedded default (crate_vis.models.pretrained.default_weights())"
     if args.json:
         print(json.dumps(info, indent=2))
-    else:
-        width = max(map(len, info))
-        for key, value in info.items():
-            print(f"{key:<{width}}  {value:,}" if isinstance(value, int) else f"{key:<{width}}  {value}")
+        return 0
+    width = max(map(len, info))
+    for key, value in info.items():
+        print(f"{key:<{width}}  {value:,}" if isinstance(value, int) else f"{key:<{width}}  {value}")
     return 0
 
 
 def add_arguments_list_models(p: argparse.ArgumentParser) -> None:
-    p.add_argument("pattern", nargs="?", default="*", help="glob over names")
+    """Arguments of ``crate-vis list-models``."""
+    p.add_argument("pattern", nargs="?", default="*", help="glob over model and weight names")
     p.add_argument("--timm", action="store_true", help="also list timm names")
 
 
 def run_list_models(args: argparse.Namespace) -> int:
-    for name in list_models(args.pattern, include_timm=args.timm):
-        print(name)
-    print("\nknown weights (weights/manifest.json):")
-    for record in list_weights():
-        acc = record.reported_accuracy or {}
-        print(f"  {record.name:<36} {record.model:<26} top1={acc.get('top1', '-')}")
+    """Names by family, then the known weights, both filtered by PATTERN."""
+    import fnmatch
+
+    from ..models.pretrained import list_weights, weights_status
+    from ..models.registry import FAMILIES, FAMILY_TITLES, list_models
+
+    shown = 0
+    for family in FAMILIES:
+        names = list_models(args.pattern, family=family)
+        if names:
+            print(f"{FAMILY_TITLES[family]}:")
+            for name in names:
+                print(f"  {name}")
+            shown += len(names)
+    if args.timm:
+        extra = list_models(args.pattern, include_timm=True)
+        timm_names = [n for n in extra if n not in set(list_models("*"))]
+        if timm_names:
+            print("timm:")
+            for name in timm_names:
+                print(f"  {name}")
+            shown += len(timm_names)
+    records = [r for r in list_weights() if fnmatch.fnmatch(r.name, args.pattern) or fnmatch.fnmatch(r.model, args.pattern)]
+    if records:
+        print("\nknown weights (use the name with -c/--checkpoint; status: where the file is, or where to put it):")
+        for record in records:
+            acc = record.reported_accuracy or {}
+            top1 = acc.get("top1", "-")
+            print(f"  {record.name:<40} {record.model:<30} top1={top1}  {weights_status(record)}")
+        shown += len(records)
+    if not shown:
+        print(f"no model or weights match {args.pattern!r}")
+        return 1
     return 0
 
 
 def add_arguments_convert(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="official checkpoint (main.py or finetune.py layout) or bare state dict")
+    """Arguments of ``crate-vis convert``."""
+    p.add_argument("source", help="official checkpoint (CRATE main.py/finetune.py, CRATE-alpha, CRATE-MAE) or a "
+                   "bare state dict")  # fmt: skip
     p.add_argument("out", help="output folder (model.safetensors + config.json)")
     p.add_argument("--model", "-m", default=None,
                    help="registered name; default: from the checkpoint's 'arch' (CRATE_tiny -> crate_tiny_patch16_224)")  # fmt: skip
     p.add_argument("--num-classes", type=int, default=None, help="classes (default: read from the head)")
+    p.add_argument("--model-arg", action="append", default=[], type=key_value, metavar="KEY=VALUE",
+                   help="constructor keyword for sizes the registry does not name, e.g. depth=8 (repeatable)")
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    name = args.model
-    if name is None:
-        arch = checkpoint_arch(args.source)
-        if arch not in OFFICIAL_ARCH:
-            raise ValueError(f"cannot tell the architecture of {args.source} (arch={arch!r}); pass --model NAME")
-        name = OFFICIAL_ARCH[arch]
-    sd, _ = read_checkpoint(args.source)
-    num_classes = args.num_classes
-    if num_classes is None:
-        head = sd.get("mlp_head.1.weight", sd.get("head.weight"))
-        num_classes = int(head.shape[0]) if head is not None else 0
-    model = create_model(name, num_classes=num_classes)
-    report = load_checkpoint(model, args.source, strict=True)
-    path = save_model(model, args.out, metadata={"converted_from": str(args.source), "layout": report.layout})
-    print(f"wrote {path} ({name}, {num_classes} classes, from the {report.layout} layout)")
+    """Convert and report."""
+    from ..models.factory import convert_checkpoint
+
+    path, model, layout = convert_checkpoint(args.source, args.out, args.model, args.num_classes,
+                                             **dict(args.model_arg))  # fmt: skip
+    classes = getattr(model, "num_classes", 0)
+    print(f"wrote {path} ({model.model_name}, {classes} classes, from the {layout} layout)")
     return 0

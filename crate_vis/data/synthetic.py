@@ -22,17 +22,18 @@ import os
 import shutil
 import tempfile
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..metrics.rle import mask_to_rle
-from ..utils.atomic import atomic_save, atomic_write_json
+from ..io.atomic import atomic_save, atomic_write_json
+from ..io.coco import mask_to_rle
 
 __all__ = [
     "SHAPES", "PATTERNS", "CLASS_SPECS", "SyntheticSample", "SyntheticShapes", "render_sample", "split_seed",

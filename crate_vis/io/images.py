@@ -44,15 +44,19 @@ import stat
 import sys
 import threading
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO, Iterator, Sequence
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageColor
 
+from ..errors import DatasetError, ImageLoadError
+
 __all__ = [
     "ALLOWED_FORMATS", "DEFAULT_BACKGROUND", "DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "MAX_PIXELS_ENV",
-    "ImageLoadError", "SkipReport", "iter_images", "list_images", "load_image", "resolve_max_pixels", "to_array",
+    "ImageLoadError", "SkipReport", "iter_images", "list_images", "load_image", "read_label_png", "resolve_max_pixels",
+    "to_array",
 ]  # fmt: skip
 
 IMAGE_EXTENSIONS = (
@@ -94,17 +98,6 @@ _HIGH_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "I;16S", "F"}
 _PIL_LIMIT_LOCK = threading.Lock()
 
 
-class ImageLoadError(ValueError):
-    """An image could not be read; ``path`` says which, ``reason`` why."""
-
-    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
-
-    def __reduce__(self) -> tuple[type, tuple[str, str]]:
-        # Keeps the two-argument constructor working across process boundaries (DataLoader workers).
-        return (type(self), (self.path, self.reason))
 
 
 # --------------------------------------------------------------------------------------------------- the loader
@@ -348,7 +341,7 @@ def list_images(root: str | os.PathLike[str], *, include_hidden: bool = False) -
     """Image files under a folder (recursively, sorted, by extension) or the file itself.
 
     Hidden files and folders (names starting with ``.``: macOS ``._x.jpg`` resource forks, temporary files of
-    :mod:`crate_vis.utils.atomic` writes in progress) are left out unless ``include_hidden``. Symbolic links to
+    :mod:`crate_vis.io.atomic` writes in progress) are left out unless ``include_hidden``. Symbolic links to
     folders are not followed, so a link loop cannot recurse forever.
 
     Raises:
@@ -435,3 +428,29 @@ def iter_images(
             report.add(err.path, err.reason)
             continue
         yield Path(path), image
+
+
+def read_label_png(path: str | os.PathLike[str]) -> np.ndarray:
+    """A label PNG (palette 'P' or greyscale 'L'/'I') as its raw ``(H, W)`` int64 indices, never converted to RGB.
+
+    An RGB(A) PNG whose three colour channels are equal everywhere (a greyscale mask saved as colour) is read as
+    greyscale; a colour-coded one is an error, since its colours are not labels.
+
+    Raises:
+        DatasetError: missing or unreadable file, or a colour image where labels were expected.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("P", "L", "I", "I;16", "1"):
+                return np.asarray(im, dtype=np.int64)
+            if im.mode in ("LA", "RGB", "RGBA"):
+                arr = np.asarray(im.convert("RGB"), dtype=np.int64)  # (H, W, 3)
+                if (arr[..., 0] == arr[..., 1]).all() and (arr[..., 0] == arr[..., 2]).all():
+                    return arr[..., 0]
+            mode = im.mode
+    except FileNotFoundError:
+        raise DatasetError(path, "label map", "file not found") from None
+    except OSError as err:
+        raise DatasetError(path, "label map", f"unreadable ({err})") from None
+    raise DatasetError(path, "label map", f"expected a palette or greyscale PNG, got a colour image (mode {mode})")

@@ -1,11 +1,20 @@
-"""Models: CRATE, its named configurations, and token geometry shared with timm ViTs."""
+"""Models: the CRATE family, its named configurations, checkpoints and the factory, and token geometry.
 
+Inside the package the order is ``crate`` (and the other family classes) <- ``registry`` (names -> configs) <-
+``checkpoint`` / ``conversion`` (reading and writing weights) <- ``pretrained`` (the manifest) <- ``factory``
+(create, build from a config, load, resolve what a user typed).
+"""
+
+from .checkpoint import CheckpointError, LoadReport, load_checkpoint, read_checkpoint, save_model
 from .crate import CRATE, ISTA, MSSA, CRATEBlock, PatchEmbed, fit_to_patches, resample_pos_embed
+from .factory import build_from_config, create_model, load_model, resolve_device, resolve_model
 from .geometry import TokenGeometry, model_input_size, model_patch_size, num_prefix_tokens, token_geometry
-from .registry import create_model, is_crate_name, list_models, model_config, register_model
+from .registry import is_registered, list_models, model_config, model_family, register_model
 
 __all__ = [
-    "CRATE", "CRATEBlock", "ISTA", "MSSA", "PatchEmbed", "TokenGeometry", "create_model", "fit_to_patches",
-    "is_crate_name", "list_models", "model_config", "model_input_size", "model_patch_size", "num_prefix_tokens", "register_model",
-    "resample_pos_embed", "token_geometry",
+    "CRATE", "CRATEBlock", "CheckpointError", "ISTA", "LoadReport", "MSSA", "PatchEmbed", "TokenGeometry",
+    "build_from_config", "create_model", "fit_to_patches", "is_registered", "list_models", "load_checkpoint",
+    "load_model", "model_config", "model_family", "model_input_size", "model_patch_size", "num_prefix_tokens",
+    "read_checkpoint", "register_model", "resample_pos_embed", "resolve_device", "resolve_model", "save_model",
+    "token_geometry",
 ]  # fmt: skip

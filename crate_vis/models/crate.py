@@ -11,7 +11,7 @@ The numerics follow the official implementation (``model/crate.py`` of Ma-Lab-Be
 flattened in ``(p1 p2 c)`` order, the stem is ``LayerNorm -> Linear -> LayerNorm``, the CLS token and position
 embedding are learned, pooling is the CLS token or the mean over all tokens (CLS included), and the head is
 ``LayerNorm -> Linear``. Official checkpoints are read through the explicit key table in
-:mod:`crate_vis.checkpoint`.
+:mod:`crate_vis.models.conversion`.
 
 Two numerically equivalent paths exist for each sub-layer: a *fused* one (``F.scaled_dot_product_attention`` and
 ISTA in two matrix products) used by default, and an *explicit* one that materialises the attention matrix through
@@ -21,7 +21,8 @@ the ``attend`` softmax module and computes ISTA term by term as the reference do
 from __future__ import annotations
 
 import numbers
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -397,12 +398,9 @@ class CRATE(nn.Module):
             if not 0 < indices <= self.depth:
                 raise ValueError(f"ask for the last 1..{self.depth} layers, got {indices}")
             return list(range(self.depth - indices, self.depth))
-        out = []
-        for i in indices:
-            if not -self.depth <= i < self.depth:
-                raise IndexError(f"layer index {i} out of range: this model has layers 0..{self.depth - 1}")
-            out.append(i % self.depth)
-        return out
+        from .geometry import layer_index
+
+        return [layer_index(self.depth, i) for i in indices]
 
     def reset_classifier(self, num_classes: int, pool: str | None = None) -> None:
         """Replace the classifier with a freshly initialised one of ``num_classes`` outputs."""

@@ -47,7 +47,8 @@ import argparse
 import os
 import pickle
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch

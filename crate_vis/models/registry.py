@@ -1,35 +1,122 @@
-"""Named model configurations: ``crate_{size}_patch{P}_{res}`` plus timm ViT names for comparisons.
+"""Named model configurations: each name maps to a model family and a dict of constructor keywords.
 
-Each registered name only fills in a dict of sizes; :func:`create_model` builds the model and applies overrides.
+Names read as a spec, ``{family}_{size}_patch{P}_{res}``. A registered name only fills in sizes; building is the
+factory's job (:func:`crate_vis.models.factory.create_model`). After ``import crate_vis`` every name here also builds
+through ``timm.create_model``, so timm's feature-extraction, benchmark and validation tools take CRATE models.
 
-Sizes (``dim / depth / heads``, ``dim_head``):
+CRATE sizes (``dim / depth / heads``, ``dim_head``):
 
-============================  =====  =====  =====  ========  =======================================
-name                          dim    depth  heads  dim_head  source
-============================  =====  =====  =====  ========  =======================================
-crate_tiny_patch{8,16}_224     384     12      6       64    NeurIPS 2023 paper / official repo (T)
-crate_small_patch{8,16}_224    576     12     12       48    NeurIPS 2023 paper / official repo (S)
-crate_base_patch{8,16}_224     768     12     12       64    NeurIPS 2023 paper / official repo (B)
-crate_large_patch{8,16}_224   1024     24     16       64    NeurIPS 2023 paper / official repo (L)
-crate_seg_tiny_patch{8,16}_224 192     12      3       64    emergence paper "CRATE-T"
-crate_seg_small_patch{8,16}_224 384    12      6       64    emergence paper "CRATE-S"
-crate_seg_base_patch{8,16}_224 768     12     12       64    emergence paper "CRATE-B"
-crate_test_patch8_32            64      3      4       16    golden-reference test config
-============================  =====  =====  =====  ========  =======================================
+==================================  =====  =====  =====  ========  =====================================
+name                                dim    depth  heads  dim_head  source
+==================================  =====  =====  =====  ========  =====================================
+crate_tiny_patch{8,16}_224           384     12      6       64    NeurIPS 2023 paper / official repo (T)
+crate_small_patch{8,16}_224          576     12     12       48    NeurIPS 2023 paper / official repo (S)
+crate_base_patch{8,16}_224           768     12     12       64    NeurIPS 2023 paper / official repo (B)
+crate_large_patch{8,16}_224         1024     24     16       64    NeurIPS 2023 paper / official repo (L)
+crate_seg_tiny_patch{8,16}_224       192     12      3       64    emergence paper "CRATE-T"
+crate_seg_small_patch{8,16}_224      384     12      6       64    emergence paper "CRATE-S"
+crate_seg_base_patch{8,16}_224       768     12     12       64    emergence paper "CRATE-B"
+crate_mini_patch8_96                 192      6      6       32    the embedded default's size
+crate_test_patch8_32                  64      3      4       16    golden-reference test config
+==================================  =====  =====  =====  ========  =====================================
+
+CRATE-alpha and CRATE-MAE sizes are registered from :data:`crate_vis.models.crate_alpha.CRATE_ALPHA_VARIANTS` and
+:data:`crate_vis.models.crate_mae.CRATE_MAE_VARIANTS`.
+
+Example:
+    >>> from crate_vis.models.registry import list_models, model_family
+    >>> "crate_tiny_patch16_224" in list_models("crate_tiny_*")
+    True
+    >>> model_family("crate_mini_patch8_96")
+    'crate'
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import difflib
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
 from .crate import CRATE
 
-__all__ = ["create_model", "list_models", "register_model", "model_config", "is_crate_name"]
+__all__ = [
+    "FAMILIES", "ModelSpec", "register_model", "list_models", "model_config", "model_family", "is_registered",
+    "family_of", "family_class", "unknown_model_message",
+]  # fmt: skip
 
-_CONFIGS: dict[str, dict[str, Any]] = {}
-_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+#: Family name -> model class. Every class takes its reference constructor's keyword names.
+FAMILIES: dict[str, type[nn.Module]] = {"crate": CRATE}
+
+#: Family -> one line for ``crate-vis list-models``.
+FAMILY_TITLES: dict[str, str] = {
+    "crate": "CRATE (Yu et al., NeurIPS 2023; official Ma-Lab-Berkeley/CRATE)",
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One registered name: its family and the keywords it passes to the family's class."""
+
+    name: str
+    family: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+_SPECS: dict[str, ModelSpec] = {}
+
+
+def register_model(name: str, config: dict[str, Any], family: str = "crate") -> None:
+    """Register ``config`` (constructor keywords of the family's class) under ``name``.
+
+    Raises:
+        ValueError: the name is taken or the family unknown.
+    """
+    if name in _SPECS:
+        raise ValueError(f"model {name!r} is already registered")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
+    _SPECS[name] = ModelSpec(name, family, dict(config))
+    _register_with_timm(name)
+
+
+def _register_with_timm(name: str) -> None:
+    """Make ``timm.create_model(name)`` build the registered model (through the factory)."""
+    try:
+        from timm.models import register_model as timm_register
+        from timm.models._registry import is_model as timm_is_model
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return
+    if timm_is_model(name):
+        return
+
+    def build(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        from .factory import create_model
+
+        if pretrained:
+            raise ValueError(
+                f"{name}: timm's pretrained=True downloads from a hub; load weights with "
+                "crate_vis.create_model(name, pretrained=PATH_OR_NAME) instead"
+            )
+        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+            kwargs.pop(key, None)
+        return create_model(name, **kwargs)
+
+    build.__name__ = name
+    build.__qualname__ = name
+    build.__module__ = "crate_vis.models.registry"
+    timm_register(build)
+
+
+def register_family(family: str, cls: type[nn.Module], title: str, variants: dict[str, dict[str, Any]]) -> None:
+    """Add a model family and its named variants."""
+    FAMILIES[family] = cls
+    FAMILY_TITLES[family] = title
+    for name, kwargs in variants.items():
+        register_model(name, kwargs, family=family)
+
 
 _PAPER_SIZES = {  # NeurIPS 2023 "White-Box Transformers via Sparse Rate Reduction", official model/crate.py
     "tiny": dict(dim=384, depth=12, heads=6, dim_head=64),
@@ -43,15 +130,6 @@ _EMERGENCE_SIZES = {  # "Emergence of Segmentation with Minimalistic White-Box T
     "base": dict(dim=768, depth=12, heads=12, dim_head=64),
 }
 
-
-def register_model(name: str, config: dict[str, Any]) -> None:
-    """Register a CRATE configuration under ``name`` (keywords of :class:`CRATE`)."""
-    if name in _CONFIGS:
-        raise ValueError(f"model {name!r} is already registered")
-    _CONFIGS[name] = dict(config)
-    _BUILDERS[name] = lambda **kw: CRATE(**{**_CONFIGS[name], **kw})
-
-
 for _size, _dims in _PAPER_SIZES.items():
     for _patch in (8, 16):
         register_model(f"crate_{_size}_patch{_patch}_224", dict(image_size=224, patch_size=_patch, num_classes=1000, **_dims))
@@ -64,77 +142,56 @@ register_model("crate_test_patch8_32", dict(image_size=32, patch_size=8, num_cla
 register_model("crate_mini_patch8_96", dict(image_size=96, patch_size=8, num_classes=10, dim=192, depth=6, heads=6, dim_head=32))
 
 
-def list_models(pattern: str = "*", include_timm: bool = False) -> list[str]:
-    """Registered CRATE names matching a glob ``pattern`` (and timm's names with ``include_timm``)."""
-    import fnmatch
-
-    names = sorted(n for n in _CONFIGS if fnmatch.fnmatch(n, pattern))
+def list_models(pattern: str = "*", include_timm: bool = False, family: str | None = None) -> list[str]:
+    """Registered names matching a glob ``pattern``, optionally of one ``family`` (and timm's with ``include_timm``)."""
+    names = sorted(n for n, s in _SPECS.items() if fnmatch.fnmatch(n, pattern) and family in (None, s.family))
     if include_timm:
         import timm
 
-        names += timm.list_models(pattern)
+        names += [n for n in timm.list_models(pattern) if n not in _SPECS]
     return names
 
 
-def is_crate_name(name: str) -> bool:
-    """Whether ``name`` is a registered CRATE configuration."""
-    return name in _CONFIGS
+def is_registered(name: str) -> bool:
+    """Whether ``name`` is a registered CRATE-family configuration (not a plain timm name)."""
+    return name in _SPECS
 
 
 def model_config(name: str) -> dict[str, Any]:
-    """A copy of the constructor keywords registered under ``name``."""
-    if name not in _CONFIGS:
-        raise KeyError(_unknown(name))
-    return dict(_CONFIGS[name])
+    """A copy of the constructor keywords registered under ``name``.
 
-
-def _unknown(name: str) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(name, list(_CONFIGS), n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return f"unknown model {name!r}{hint} (crate_vis.list_models() lists CRATE names; timm ViT names also work)"
-
-
-def _json_safe(value: Any) -> bool:
-    return isinstance(value, (int, float, str, bool, type(None))) or (
-        isinstance(value, (list, tuple)) and all(isinstance(v, (int, float, str, bool)) for v in value)
-    )
-
-
-def create_model(name: str, pretrained: bool | str | None = None, **overrides: Any) -> nn.Module:
-    """Build a registered CRATE model, or a timm model for comparisons.
-
-    Args:
-        name: a registered CRATE name (``crate_tiny_patch16_224``) or a timm model name (``vit_tiny_patch16_224``).
-        pretrained: ``None``/``False`` for random weights; ``True`` for the manifest's default weights of ``name``;
-            a path, URL or manifest key to load weights from (checked against the manifest's sha256 when known).
-        **overrides: constructor keywords (``num_classes``, ``image_size``/``img_size``, ``fused``, ...).
-
-    Returns:
-        The model, in training mode as PyTorch builds it.
+    Raises:
+        KeyError: unknown name (the message suggests close names).
     """
-    if "img_size" in overrides and name in _CONFIGS:
-        overrides["image_size"] = overrides.pop("img_size")
-    if name in _CONFIGS:
-        model: nn.Module = _BUILDERS[name](**overrides)
-        model.model_name = name  # type: ignore[assignment]
-    else:
-        import timm
+    if name not in _SPECS:
+        raise KeyError(unknown_model_message(name))
+    return dict(_SPECS[name].kwargs)
 
-        if not timm.is_model(name):
-            raise KeyError(_unknown(name))
-        if "image_size" in overrides:
-            overrides["img_size"] = overrides.pop("image_size")
-        overrides.setdefault("dynamic_img_size", True)
-        model = timm.create_model(name, pretrained=False, **overrides)
-        model.model_name = name  # type: ignore[assignment]
-        # Recorded so that save_model can write a config that rebuilds exactly this variant.
-        model.creation_kwargs = {k: v for k, v in overrides.items() if _json_safe(v)}  # type: ignore[assignment]
-    if pretrained:
-        from ..pretrained import resolve_weights
-        from ..checkpoint import load_checkpoint
 
-        path = resolve_weights(name if pretrained is True else str(pretrained), model_name=name)
-        load_checkpoint(model, path, strict=True)
-    return model
+def model_family(name: str) -> str:
+    """The family (``"crate"``, ``"crate_alpha"``, ``"crate_mae"``) of a registered name."""
+    if name not in _SPECS:
+        raise KeyError(unknown_model_message(name))
+    return _SPECS[name].family
+
+
+def family_class(family: str) -> type[nn.Module]:
+    """The model class of ``family``."""
+    if family not in FAMILIES:
+        raise KeyError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
+    return FAMILIES[family]
+
+
+def family_of(model: nn.Module) -> str | None:
+    """The family of a model instance (exact class match), ``None`` for anything else (timm models)."""
+    for family, cls in FAMILIES.items():
+        if type(model) is cls:
+            return family
+    return None
+
+
+def unknown_model_message(name: str) -> str:
+    """The error text for an unknown model name, with close matches."""
+    close = difflib.get_close_matches(name, list(_SPECS), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return f"unknown model {name!r}{hint} (`crate-vis list-models` lists CRATE names; timm ViT names also work)"

@@ -71,8 +71,8 @@ generalised pair, O(N^3)); ``"lanczos"`` runs ``scipy.sparse.linalg.eigsh`` on t
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import scipy.linalg

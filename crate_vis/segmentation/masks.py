@@ -1,27 +1,25 @@
-"""Mask helpers shared by the segmentation methods: upsampling, mapping back to the image, components, IoU.
+"""Mask helpers shared by the segmentation methods: upsampling, connected components, IoU of two masks.
 
 Grid masks are boolean arrays ``(..., gh, gw)`` over patch tokens (row-major token order, as the models emit them).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from ..metrics.functional import binary_iou
+from ..io.coco import mask_bbox
+from ..metrics.iou import binary_iou
 from ..models.crate import to_2tuple as as_pair
-from ..metrics.rle import mask_bbox
 
 __all__ = [
     "as_pair",
     "upsample_masks",
     "upsample_maps",
-    "resized_size",
-    "grid_to_image",
     "label_components",
     "component_at",
     "largest_component",
@@ -59,52 +57,6 @@ def upsample_maps(
     kwargs = {} if mode == "nearest" else {"align_corners": False}
     y = F.interpolate(x, size=tuple(int(s) for s in size), mode=mode, **kwargs)  # (M, 1, H, W)
     return y.reshape(*lead, *y.shape[-2:])
-
-
-def resized_size(image_hw: Sequence[int], short_side: int | None) -> tuple[int, int]:
-    """Size ``(H', W')`` that :func:`crate_vis.data.transforms.resize_for_model` resizes to, before its crop.
-
-    Args:
-        image_hw: original ``(H, W)``.
-        short_side: target length of the shorter side; ``None`` keeps the size.
-    """
-    h, w = int(image_hw[0]), int(image_hw[1])
-    if short_side is None:
-        return h, w
-    scale = short_side / min(w, h)
-    return max(1, round(h * scale)), max(1, round(w * scale))
-
-
-def grid_to_image(
-    masks: np.ndarray | torch.Tensor,
-    image_hw: Sequence[int],
-    resized_hw: Sequence[int],
-    patch_size: int | Sequence[int],
-) -> np.ndarray:
-    """Map grid masks back onto the original image, pixel by pixel.
-
-    The model saw the image resized to ``resized_hw`` and cropped at the bottom/right to whole patches. Each
-    original pixel centre is carried into the resized frame, then to the patch under it; pixels of the cropped
-    remainder (less than one patch) take the nearest patch row/column. This is nearest-neighbour resampling that
-    respects the crop, so masks line up with the image at any aspect ratio.
-
-    Args:
-        masks: ``(..., gh, gw)`` grid masks (any dtype; values are copied).
-        image_hw: original ``(H, W)``.
-        resized_hw: ``(H', W')`` before the crop (see :func:`resized_size`).
-        patch_size: ``p`` or ``(ph, pw)``.
-
-    Returns:
-        ``(..., H, W)`` array of the input dtype.
-    """
-    arr = masks.detach().cpu().numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
-    gh, gw = arr.shape[-2:]
-    ph, pw = as_pair(patch_size)
-    h, w = int(image_hw[0]), int(image_hw[1])
-    rh, rw = int(resized_hw[0]), int(resized_hw[1])
-    rows = np.floor((np.arange(h) + 0.5) * (rh / h) / ph).astype(np.int64).clip(0, gh - 1)  # (H,)
-    cols = np.floor((np.arange(w) + 0.5) * (rw / w) / pw).astype(np.int64).clip(0, gw - 1)  # (W,)
-    return arr[..., rows[:, None], cols[None, :]]
 
 
 def label_components(mask: np.ndarray, connectivity: int = 4) -> tuple[np.ndarray, int]:

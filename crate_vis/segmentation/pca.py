@@ -13,11 +13,12 @@ deterministic.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from ..data.image_geometry import resize_nearest
 from .masks import as_pair
 
 __all__ = ["pca_fit", "pca_foreground", "pca_maps", "pca_map"]
@@ -169,7 +170,7 @@ def pca_maps(
         start += k
         out.append(rgb.reshape(g[0], g[1], 3))
     if image_sizes is not None:
-        out = [_resize_nearest(o, size) for o, size in zip(out, image_sizes)]
+        out = [resize_nearest(o, size) for o, size in zip(out, image_sizes)]
     return out
 
 
@@ -184,10 +185,3 @@ def pca_map(
     fg = foreground if isinstance(foreground, str) else [foreground]
     return pca_maps([features], [grid], fg, threshold, None if image_size is None else [image_size])[0]
 
-
-def _resize_nearest(rgb: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    h, w = int(size[0]), int(size[1])
-    gh, gw = rgb.shape[:2]
-    rows = np.minimum((np.arange(h) * gh) // h, gh - 1)
-    cols = np.minimum((np.arange(w) * gw) // w, gw - 1)
-    return rgb[rows[:, None], cols[None, :]]

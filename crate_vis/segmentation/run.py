@@ -7,15 +7,18 @@ cuts: CRATE's per-head subspace projections ``U_k^T z``, a ViT's keys), concaten
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from .dino import attention_contrast, dino_foreground
-from .maskcut import maskcut
+from .maskcut import MASKCUT_RULES, SOLVERS, maskcut, tokencut
 
 __all__ = ["METHODS", "SegmentConfig", "GridSegmentation", "segment_batch", "parse_heads"]
 
@@ -36,7 +39,10 @@ class SegmentConfig:
         largest_component: DINO: keep only the largest 4-connected component.
         tau: cuts: edge threshold (default 0.15 for MaskCut, 0.2 for TokenCut).
         max_masks: MaskCut: most masks per image (TokenCut: always 1).
-        solver: cuts: eigen-solver (``"auto"``, ``"dense"``, ``"lanczos"``).
+        solver: cuts: eigen-solver (``"auto"``, ``"dense"``, ``"lanczos"``, ``"torch"``).
+        cut_rules: MaskCut: ``"default"`` (sign-independent corner rule, stop at the first dropped mask) or
+            ``"cutler"`` (CutLER ``maskcut.py`` exactly); TokenCut always follows the official TokenCut rule.
+        cut_device: ``solver="torch"``: the device of the eigen-solve (the model's when ``None``).
     """
 
     method: str = "dino"
@@ -48,16 +54,29 @@ class SegmentConfig:
     tau: float | None = None
     max_masks: int = 3
     solver: str = "auto"
+    cut_rules: str = "default"
+    cut_device: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
-        if not 0.0 < self.mass <= 1.0:
-            raise ValueError(f"mass must be in (0, 1], got {self.mass}")
+            raise UsageError(f"--method must be one of {sorted(METHODS)}, got {self.method!r}")
+        if not (isinstance(self.mass, (int, float)) and 0.0 < self.mass <= 1.0):
+            raise UsageError(f"--mass must be in (0, 1], got {self.mass}")
+        if self.tau is not None and not (isinstance(self.tau, (int, float)) and 0.0 <= self.tau < 1.0):
+            raise UsageError(f"--tau must be in [0, 1) (a cosine-similarity threshold), got {self.tau}")
         if self.max_masks < 1:
-            raise ValueError(f"max_masks must be >= 1, got {self.max_masks}")
+            raise UsageError(f"--max-masks must be at least 1, got {self.max_masks}")
         if self.combine not in ("mean", "union"):
-            raise ValueError(f"combine must be 'mean' or 'union', got {self.combine!r}")
+            raise UsageError(f"--combine must be 'mean' or 'union', got {self.combine!r}")
+        if self.solver not in SOLVERS:
+            raise UsageError(f"--solver must be one of {SOLVERS}, got {self.solver!r}")
+        if self.cut_rules not in MASKCUT_RULES:
+            raise UsageError(f"--cut-rules must be one of {MASKCUT_RULES}, got {self.cut_rules!r}")
+        if self.heads is not None:
+            if not self.heads:
+                raise UsageError("--heads names no head")
+            if len(set(self.heads)) != len(self.heads):
+                raise UsageError(f"--heads names a head twice: {','.join(map(str, self.heads))}")
 
     @property
     def edge_threshold(self) -> float | None:
@@ -73,7 +92,8 @@ class SegmentConfig:
         else:
             d["tau"] = self.edge_threshold
             d["max_masks"] = 1 if self.method == "tokencut" else self.max_masks
-            keep = ("method", "layer", "tau", "max_masks")
+            d["cut_rules"] = "tokencut" if self.method == "tokencut" else self.cut_rules
+            keep = ("method", "layer", "tau", "max_masks", "cut_rules")
         return {k: d[k] for k in keep}
 
 
@@ -94,13 +114,16 @@ class GridSegmentation:
 
 
 @torch.no_grad()
-def segment_batch(model: nn.Module, images: torch.Tensor, config: SegmentConfig) -> list[GridSegmentation]:
+def segment_batch(
+    model: nn.Module, images: torch.Tensor, config: SegmentConfig, pool: Executor | None = None
+) -> list[GridSegmentation]:
     """Segment a batch of model inputs of one size.
 
     Args:
-        model: CRATE or timm ViT, in eval mode.
+        model: CRATE-family model or timm ViT, in eval mode.
         images: ``(B, 3, H, W)`` normalised inputs on the model's device, ``H, W`` multiples of the patch size.
         config: the method and its settings.
+        pool: cuts: an executor over which the images' eigen-solves are spread (results keep the batch order).
 
     Returns:
         One :class:`GridSegmentation` per image.
@@ -124,13 +147,24 @@ def segment_batch(model: nn.Module, images: torch.Tensor, config: SegmentConfig)
     feats = subspace_features(model, images, layer=config.layer)  # (B, h, N, dh)
     b, h, n, dh = feats.shape
     grid = _grid(model, images)
-    feats = feats.permute(0, 2, 1, 3).reshape(b, n, h * dh).double().cpu().numpy()  # (B, N, h*dh)
-    max_masks = 1 if config.method == "tokencut" else config.max_masks
-    results = []
-    for f in feats:
-        r = maskcut(f, grid, tau=config.edge_threshold, max_masks=max_masks, solver=config.solver)
-        results.append(GridSegmentation(r.masks, r.scores, r.stop_reason))
-    return results
+    feats = feats.permute(0, 2, 1, 3).reshape(b, n, h * dh)  # (B, N, h*dh)
+    if config.solver == "torch":
+        device = config.cut_device or images.device
+        per_image = [f.to(device=device, dtype=torch.float64) for f in feats]
+    elif config.method == "maskcut" and config.cut_rules == "cutler":
+        per_image = list(feats.float().cpu().numpy())  # CutLER compares similarities in the features' float32
+    else:
+        per_image = list(feats.double().cpu().numpy())
+
+    def cut(f: np.ndarray | torch.Tensor) -> GridSegmentation:
+        if config.method == "tokencut":
+            r = tokencut(f, grid, tau=config.edge_threshold, solver=config.solver)
+        else:
+            r = maskcut(f, grid, tau=config.edge_threshold, max_masks=config.max_masks, solver=config.solver,
+                        rules=config.cut_rules)  # fmt: skip
+        return GridSegmentation(r.masks, r.scores, r.stop_reason)
+
+    return list(pool.map(cut, per_image)) if pool is not None else [cut(f) for f in per_image]
 
 
 def _grid(model: nn.Module, images: torch.Tensor) -> tuple[int, int]:
@@ -151,5 +185,5 @@ def parse_heads(spec: str | Sequence[int] | None) -> tuple[int, ...] | None:
         try:
             return tuple(int(t) for t in re.split(r"[,\s]+", spec.strip()) if t)
         except ValueError:
-            raise ValueError(f"heads must be comma-separated integers like 0,1,3,4, got {spec!r}") from None
+            raise UsageError(f"--heads must be comma-separated integers like 0,1,3,4, got {spec!r}") from None
     return tuple(int(s) for s in spec)

@@ -9,12 +9,19 @@ from __future__ import annotations
 
 from .config import TrainConfig, config_to_dict, list_recipes, load_recipe, resolve_config
 from .engine import (
-    METRIC_COLUMNS, NonFiniteLossError, Trainer, TrainResult, build_model, clip_gradients, topk_correct, train,
+    METRIC_COLUMNS,
+    NonFiniteLossError,
+    Trainer,
+    TrainResult,
+    build_model,
+    clip_gradients,
+    topk_correct,
+    train,
 )  # fmt: skip
-from .evaluation import EvalResult, evaluate_model, load_eval_model, write_eval_report
+from .evaluation import EvalResult, evaluate_model, write_eval_report
 
 __all__ = [
     "METRIC_COLUMNS", "EvalResult", "NonFiniteLossError", "TrainConfig", "TrainResult", "Trainer", "build_model",
-    "clip_gradients", "config_to_dict", "evaluate_model", "list_recipes", "load_eval_model", "load_recipe",
+    "clip_gradients", "config_to_dict", "evaluate_model", "list_recipes", "load_recipe",
     "resolve_config", "topk_correct", "train", "write_eval_report",
 ]  # fmt: skip

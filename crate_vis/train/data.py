@@ -21,9 +21,10 @@ import contextlib
 import logging
 import math
 import random
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -237,7 +238,7 @@ def build_datasets(cfg: TrainConfig) -> DataBundle:
     if cfg.cache:
         log.info("cache: %s is held in memory already; no decoded cache is built", cfg.data)
     train = build_split(cfg.data, "train", train_tf, cfg)
-    classes = list(getattr(train, "classes"))
+    classes = list(train.classes)
     val: Dataset | None
     if in_memory:
         val = build_split(cfg.data, cfg.val_split, eval_tf, cfg)

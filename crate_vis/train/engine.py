@@ -25,9 +25,10 @@ import io
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,13 +39,21 @@ from torch.utils.data import Dataset
 from ..errors import CrateVisError, RunFolderError
 from ..io.atomic import atomic_write
 from .checkpointing import (
-    capture_rng_state, load_training_state, reporting_disk_full, restore_rng_state, save_training_state,
+    capture_rng_state,
+    load_training_state,
+    reporting_disk_full,
+    restore_rng_state,
+    save_training_state,
     seed_everything,
 )  # fmt: skip
 from .config import TrainConfig, config_to_dict
 from .data import DataBundle, EpochSampler, SeededSamples, ShardSampler, build_datasets, make_loader
 from .distributed import (
-    all_gather_objects, all_reduce_max, all_reduce_sum, cleanup_distributed, setup_distributed,
+    all_gather_objects,
+    all_reduce_max,
+    all_reduce_sum,
+    cleanup_distributed,
+    setup_distributed,
 )  # fmt: skip
 from .runlock import RunLock
 

@@ -10,20 +10,19 @@ import csv
 import io
 import logging
 import os
-import pickle
-import zipfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..utils.atomic import atomic_write, atomic_write_json
+from ..io.atomic import atomic_write, atomic_write_json
 
-__all__ = ["EvalResult", "confusion_matrix", "evaluate_model", "load_eval_model", "write_eval_report"]
+__all__ = ["EvalResult", "confusion_matrix", "evaluate_model", "write_eval_report"]
 
 log = logging.getLogger(__name__)
 
@@ -141,64 +140,6 @@ def evaluate_model(
         classes=list(classes), confusion=confusion, top1=100.0 * np.trace(confusion) / n, topk=100.0 * topk_hits / n,
         k=k, loss=loss_sum / n, num_images=n, skipped=skipped,
     )  # fmt: skip
-
-
-def load_eval_model(
-    checkpoint: str | os.PathLike[str],
-    model_name: str | None = None,
-    num_classes: int | None = None,
-    device: str | torch.device = "cpu",
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Load a model to evaluate, with what is known about it.
-
-    Accepts a project-format folder / ``.safetensors`` (e.g. ``RUN_DIR/best``), a training checkpoint of
-    :mod:`crate_vis.train` (``last.pt``, ``best.pt``: the architecture comes from its stored config), or any other
-    checkpoint together with ``model_name`` (loaded strictly).
-
-    Returns:
-        ``(model in eval mode, info)`` where ``info`` may hold ``classes``, ``img_size`` and the training ``config``.
-
-    Raises:
-        CheckpointError / ValueError / FileNotFoundError: unreadable, mismatched or under-specified checkpoints.
-    """
-    from ..checkpoint import CheckpointError, load_checkpoint, load_model
-    from ..models import create_model
-    from .checkpointing import CHECKPOINT_FORMAT
-    from .config import resolve_config
-    from .engine import build_model
-
-    p = Path(checkpoint)
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint not found: {p}")
-    info: dict[str, Any] = {}
-    if p.is_dir() or p.suffix == ".safetensors":
-        if model_name:
-            model = create_model(model_name, **({"num_classes": num_classes} if num_classes else {}))
-            load_checkpoint(model, p, strict=True)
-        else:
-            model = load_model(p)
-            meta = getattr(model, "pretrained_config", {}).get("metadata", {}) or {}
-            info.update({k: meta[k] for k in ("classes", "img_size") if k in meta})
-        return model.to(device).eval(), info
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, zipfile.BadZipFile, KeyError, ValueError,
-            IndexError, TypeError) as err:  # the legacy (non-zip) reader fails with lookup errors on other files
-        raise CheckpointError(f"{p}: unreadable checkpoint ({type(err).__name__}: {err})") from None
-    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
-        cfg = resolve_config(obj["config"])
-        classes = list(obj["classes"])
-        if model_name and model_name != cfg.model:
-            raise ValueError(f"{p} holds a {cfg.model}, not a {model_name}")
-        model = build_model(cfg, len(classes))
-        load_checkpoint(model, obj["model"], strict=True)
-        info.update(classes=classes, img_size=cfg.img_size, config=cfg)
-        return model.to(device).eval(), info
-    if not model_name:
-        raise ValueError(f"{p} carries no model config: pass --model NAME (and --num-classes) to say what it holds")
-    model = create_model(model_name, **({"num_classes": num_classes} if num_classes else {}))
-    load_checkpoint(model, obj, strict=True)
-    return model.to(device).eval(), info
 
 
 def write_eval_report(result: EvalResult, out_dir: str | os.PathLike[str], title: str = "") -> dict[str, Path]:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from ..utils.atomic import atomic_save
+from ..io.atomic import atomic_save
 
 __all__ = ["plot_curves", "plot_confusion"]
 

@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -89,10 +90,8 @@ def _release(path: Path, token: str) -> None:
     _HELD.discard(token)
     holder = read_lock(path)
     if holder is not None and holder.get("token") == token:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             path.unlink()
-        except FileNotFoundError:
-            pass
 
 
 class RunLock:
@@ -173,10 +172,8 @@ class RunLock:
                 raise
             return self._create_exclusive(info)
         finally:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
-            except FileNotFoundError:
-                pass
 
     def _create_exclusive(self, info: dict[str, Any]) -> bool:
         try:
@@ -208,10 +205,8 @@ class RunLock:
             return  # another process reclaimed it first
         moved = read_lock(aside)
         if moved is not None and moved.get("token") != holder.get("token"):
-            try:  # a new holder's lock: hand it back unless yet another one exists by now
+            with contextlib.suppress(FileExistsError):  # a new holder's lock: hand it back unless another exists
                 os.link(aside, self.path)
-            except FileExistsError:
-                pass
             aside.unlink()
             return
         aside.unlink()

@@ -6,7 +6,8 @@ identical in every figure, and the text stays the same size whatever the number 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -87,7 +88,7 @@ def image_grid(
             raise ValueError(f"{name} has {len(seq)} entries for {n} {'rows' if name.startswith('row') else 'columns'}")
 
     aspects = []
-    for r, row in enumerate(cells):
+    for row in cells:
         first = next((c for c in row if c is not None), None)
         aspects.append(first.shape[0] / first.shape[1] if first is not None else 1.0)
 

@@ -1,183 +1,29 @@
-"""Per-pixel drawing: patch-grid maps brought back to the original photo, heat maps, masks, contours, part maps.
+"""Per-pixel drawing: heat maps, masks, contours and part maps over a photo.
 
 Every function here takes and returns ``(H, W, 3)`` uint8 arrays (or float/bool maps at the image resolution), so
-the results can be saved directly or placed in a figure.
-
-Geometry: the model sees the photo resized with its aspect ratio kept (short side ``S``) and the bottom/right
-remainder cropped to whole patches (:func:`crate_vis.data.transforms.resize_for_model`). :func:`map_to_image` inverts
-exactly that: grid -> model input (upsampled by the patch size) -> the cropped strip filled by edge replication ->
-resized back to the photo's own size. Nothing is stretched: both resizes keep the aspect ratio.
+the results can be saved directly or placed in a figure. Grid maps are brought to the photo's resolution first, by
+:meth:`crate_vis.data.image_geometry.PreparedImage.grid_to_image`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
-
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_for_model, to_tensor
-from ..io.images import to_array
 
 __all__ = [
-    "PreparedImage", "prepare_image", "attention_opacity", "shrink_for_display", "map_to_image", "mask_to_grid","normalize_map",
-    "heatmap_overlay", "colored_attention", "mask_overlay", "draw_mask_contours", "mask_contours", "part_map_overlay",
-    "grey_background",
+    "attention_opacity", "normalize_map", "heatmap_overlay", "colored_attention", "mask_overlay", "masks_overlay",
+    "draw_mask_contours", "mask_contours", "part_map_overlay", "grey_background", "MASK_PALETTE",
 ]  # fmt: skip
 
-
-@dataclass(frozen=True)
-class PreparedImage:
-    """A photo and the model input made from it, with the geometry that links them.
-
-    Attributes:
-        original: the photo, ``(H, W, 3)`` uint8.
-        tensor: normalised model input ``(3, h, w)``; ``h, w`` are multiples of the patch size.
-        resized_hw: size of the aspect-preserving resize before the patch crop.
-        patch_size: ``(ph, pw)``.
-    """
-
-    original: np.ndarray
-    tensor: torch.Tensor
-    resized_hw: tuple[int, int]
-    patch_size: tuple[int, int]
-
-    @property
-    def original_hw(self) -> tuple[int, int]:
-        """``(H, W)`` of the photo."""
-        return int(self.original.shape[0]), int(self.original.shape[1])
-
-    @property
-    def input_hw(self) -> tuple[int, int]:
-        """``(h, w)`` of the model input."""
-        return int(self.tensor.shape[-2]), int(self.tensor.shape[-1])
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """Patch grid ``(gh, gw)`` of the model input."""
-        return self.input_hw[0] // self.patch_size[0], self.input_hw[1] // self.patch_size[1]
-
-
-def shrink_for_display(prepared: PreparedImage, max_side: int | None) -> PreparedImage:
-    """The same geometry with the photo scaled down (aspect ratio kept) so its longer side is at most ``max_side``.
-
-    Figures do not need a 12-megapixel photo per panel; maps brought back with :func:`map_to_image` then come out
-    at the smaller size, which bounds memory and file size. ``None`` (or a photo already small enough) returns
-    ``prepared`` unchanged.
-    """
-    if max_side is None or max(prepared.original_hw) <= max_side:
-        return prepared
-    if max_side < 1:
-        raise ValueError(f"max_side must be positive, got {max_side}")
-    h, w = prepared.original_hw
-    scale = max_side / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # PIL order (W, H)
-    small = np.asarray(Image.fromarray(prepared.original).resize(size, Image.LANCZOS), dtype=np.uint8)
-    return replace(prepared, original=small)
-
-
-def prepare_image(
-    image: Image.Image,
-    patch_size: int | Sequence[int],
-    short_side: int | None = None,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> PreparedImage:
-    """Resize a photo for a patch model (aspect ratio kept, remainder cropped) and remember the geometry.
-
-    Args:
-        image: RGB photo.
-        patch_size: int or ``(ph, pw)``.
-        short_side: the model input's shorter side; ``None`` keeps the photo's size.
-        mean: normalisation mean.
-        std: normalisation std.
-
-    Returns:
-        The :class:`PreparedImage`.
-    """
-    ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else (int(patch_size[0]), int(patch_size[1]))
-    w, h = image.size
-    if short_side is None:
-        resized = (h, w)
-    else:
-        # The same rounding as resize_for_model, which does not report its intermediate size.
-        scale = short_side / min(w, h)
-        resized = (max(1, round(h * scale)), max(1, round(w * scale)))
-    model_image = resize_for_model(image, (ph, pw), short_side=short_side)
-    cw, ch = model_image.size
-    if not (0 <= resized[0] - ch < ph and 0 <= resized[1] - cw < pw):
-        raise RuntimeError(f"unexpected model input {ch}x{cw} for a resize to {resized}")
-    return PreparedImage(to_array(image), to_tensor(model_image, mean, std), resized, (ph, pw))
-
-
-def map_to_image(
-    maps: torch.Tensor | np.ndarray, prepared: PreparedImage, mode: str = "nearest"
-) -> np.ndarray:
-    """Bring patch-grid maps back onto the original photo.
-
-    Args:
-        maps: ``(..., gh, gw)`` float or bool maps on the model input's patch grid.
-        prepared: the geometry of the input they were computed on.
-        mode: ``"nearest"`` shows each patch as a block (faithful to the token resolution; always used for
-            bool and integer maps) or ``"bilinear"`` for smooth heat maps.
-
-    Returns:
-        ``(..., H, W)`` array at the photo's resolution, of the input's dtype (bool and integer maps stay exact).
-    """
-    if mode not in {"nearest", "bilinear"}:
-        raise ValueError(f"mode must be 'nearest' or 'bilinear', got {mode!r}")
-    t = torch.as_tensor(np.asarray(maps) if isinstance(maps, np.ndarray) else maps.detach().cpu())
-    if tuple(t.shape[-2:]) != prepared.grid:
-        raise ValueError(f"maps of grid {tuple(t.shape[-2:])} do not match the input's grid {prepared.grid}")
-    lead = t.shape[:-2]
-    discrete = t.dtype == torch.bool or not torch.is_floating_point(t)
-    if discrete:
-        mode = "nearest"
-    x = t.reshape(-1, 1, *prepared.grid).float()  # (M, 1, gh, gw)
-    if mode == "nearest":
-        x = x.repeat_interleave(prepared.patch_size[0], dim=-2).repeat_interleave(prepared.patch_size[1], dim=-1)
-    else:
-        x = F.interpolate(x, size=prepared.input_hw, mode="bilinear", align_corners=False)  # (M, 1, h, w)
-    pad_h = prepared.resized_hw[0] - prepared.input_hw[0]
-    pad_w = prepared.resized_hw[1] - prepared.input_hw[1]
-    if pad_h or pad_w:
-        # The cropped strip (under one patch) takes the values of its nearest kept pixels.
-        x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
-    if mode == "nearest":
-        x = F.interpolate(x, size=prepared.original_hw, mode="nearest-exact")
-    else:
-        x = F.interpolate(x, size=prepared.original_hw, mode="bilinear", align_corners=False, antialias=True)
-    out = x.reshape(*lead, *prepared.original_hw)
-    if t.dtype == torch.bool:
-        return out.bool().numpy()
-    if discrete:
-        return out.round().to(t.dtype).numpy()
-    return out.numpy()
-
-
-def mask_to_grid(mask: np.ndarray, prepared: PreparedImage, coverage: float = 0.5) -> np.ndarray:
-    """A pixel mask of the photo on the model input's patch grid (the inverse of :func:`map_to_image`).
-
-    Args:
-        mask: ``(H, W)`` bool at the photo's resolution.
-        prepared: the input's geometry.
-        coverage: a patch is in the mask when at least this fraction of its pixels is.
-
-    Returns:
-        ``(gh, gw)`` bool.
-    """
-    m = np.asarray(mask, dtype=bool)
-    if m.shape != prepared.original_hw:
-        raise ValueError(f"mask of {m.shape} does not match the photo's {prepared.original_hw}")
-    x = torch.from_numpy(m).float()[None, None]  # (1, 1, H, W)
-    x = F.interpolate(x, size=prepared.resized_hw, mode="area")  # fractional coverage, aspect ratio kept
-    x = x[..., : prepared.input_hw[0], : prepared.input_hw[1]]  # the crop the model input has
-    x = F.avg_pool2d(x, kernel_size=prepared.patch_size)  # (1, 1, gh, gw)
-    return (x[0, 0] >= coverage).numpy()
+#: Mask colours of multi-mask overlays (RGB), cycled.
+MASK_PALETTE = np.array(
+    [[230, 25, 75], [60, 180, 75], [0, 130, 200], [255, 225, 25], [145, 30, 180], [70, 240, 240], [245, 130, 48],
+     [240, 50, 230], [210, 245, 60], [250, 190, 212]],
+    dtype=np.float32,
+)  # fmt: skip
 
 
 def normalize_map(heat: np.ndarray, how: str = "max") -> np.ndarray:
@@ -236,7 +82,7 @@ def _check_same_hw(image: np.ndarray, arr: np.ndarray, what: str) -> None:
     if arr.shape[:2] != image.shape[:2]:
         raise ValueError(
             f"{what} is {arr.shape[:2]} but the image is {image.shape[:2]}; bring grid maps to the image with "
-            "map_to_image first"
+            "PreparedImage.grid_to_image first"
         )
 
 
@@ -383,3 +229,18 @@ def part_map_overlay(
     col = colors[np.where(known, lab, 0)]  # (H, W, 3)
     out = np.where(known[..., None], grey * brightness * (1.0 - alpha) + col * alpha, grey * background)
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def masks_overlay(image: np.ndarray, masks: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Several masks ``(K, H, W)`` tinted over an ``(H, W, 3)`` uint8 image in :data:`MASK_PALETTE` colours, each
+    with its outer outline (the overlays ``crate-vis segment`` writes); returns a new uint8 image."""
+    _check_image(image)
+    out = image.astype(np.float32)
+    for k, m in enumerate(masks):
+        out[m] = (1 - alpha) * out[m] + alpha * MASK_PALETTE[k % len(MASK_PALETTE)]
+    out = out.round().clip(0, 255).astype(np.uint8)
+    width = _line_width(image.shape[:2])
+    for k, m in enumerate(masks):
+        contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(out, contours, -1, tuple(int(c) for c in MASK_PALETTE[k % len(MASK_PALETTE)]), width)
+    return out

@@ -7,9 +7,10 @@ Each function returns a matplotlib :class:`~matplotlib.figure.Figure` (built on 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,22 +18,23 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-from ..utils.atomic import atomic_save
+from torch import nn
+
+from ..data.image_geometry import PreparedImage, resize_nearest
+from ..io.atomic import atomic_save
 from .colors import OKABE_ITO, head_colors, hex_to_rgb
 from .grid import image_grid, new_figure, panel_grid
-from .overlay import (
-    PreparedImage,
-    colored_attention,
-    heatmap_overlay,
-    map_to_image,
-    mask_overlay,
-    part_map_overlay,
-)
+from .overlay import colored_attention, heatmap_overlay, mask_overlay, part_map_overlay
 
 __all__ = [
     "save_figure", "attention_figure", "HeadBlock", "head_grid_figure", "plot_layer_metric", "LayerSeries",
-    "rollout_figure", "pca_rgb_image", "pca_figure", "fit_map",
+    "rollout_figure", "pca_rgb_image", "pca_figure", "fit_map", "model_label",
 ]  # fmt: skip
+
+
+def model_label(model: nn.Module) -> str:
+    """A short name for figure titles (the registered name when known)."""
+    return str(getattr(model, "model_name", None) or type(model).__name__)
 
 _VECTOR = {".pdf", ".svg", ".eps"}
 _RASTER = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp"}
@@ -98,7 +100,7 @@ def attention_figure(
 
     Args:
         image: ``(H, W, 3)`` uint8 photo.
-        heat: ``(K, H, W)`` per-head attention at the photo's resolution (see :func:`map_to_image`).
+        heat: ``(K, H, W)`` per-head attention at the photo's resolution (see :meth:`~crate_vis.data.image_geometry.PreparedImage.grid_to_image`).
         masks: ``(K, H, W)`` bool thresholded masks.
         mean_heat: ``(H, W)`` head-averaged map (optional column).
         mean_mask: ``(H, W)`` its mask.
@@ -332,16 +334,15 @@ def fit_map(
     channels_last = v.ndim == 3
     grid = np.moveaxis(v, -1, 0) if channels_last else v
     if prepared is not None:
-        out = map_to_image(grid.astype(np.float32), prepared, mode=mode)
+        out = prepared.geometry.grid_to_image(grid.astype(np.float32), mode=mode, out_hw=image_hw)
+    elif mode == "nearest":
+        out = resize_nearest(grid, image_hw)
     else:
         import torch
         import torch.nn.functional as F
 
         t = torch.as_tensor(grid, dtype=torch.float32).reshape(-1, 1, *grid.shape[-2:])
-        if mode == "nearest":
-            t = F.interpolate(t, size=image_hw, mode="nearest-exact")
-        else:
-            t = F.interpolate(t, size=image_hw, mode="bilinear", align_corners=False, antialias=True)
+        t = F.interpolate(t, size=image_hw, mode="bilinear", align_corners=False, antialias=True)
         out = t.reshape(*grid.shape[:-2], *image_hw).numpy()
     if tuple(out.shape[-2:]) != tuple(image_hw):
         raise ValueError(f"map brought to {out.shape[-2:]} but the image is {image_hw}")

@@ -16,16 +16,17 @@ box of a one-pixel mask at column 3 is ``[3, y, 1, 1]`` (COCO's convention).
 from __future__ import annotations
 
 import abc
-import os
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Hashable, Iterator, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
 
-from ..io.images import load_image
-from ..metrics.rle import mask_bbox
+from ..errors import DatasetError
+from ..io.coco import mask_bbox
+from ..io.images import load_image, read_label_png
 
 __all__ = ["VOID", "DatasetError", "Instance", "SegmentationDataset", "BaseSegmentationDataset", "read_label_png"]
 
@@ -35,14 +36,6 @@ VOID = 255
 ImageId = Hashable
 
 
-class DatasetError(ValueError):
-    """A dataset file is malformed; the message names the file and the entry."""
-
-    def __init__(self, path: str | os.PathLike[str], entry: str, reason: str) -> None:
-        self.path = str(path)
-        self.entry = entry
-        self.reason = reason
-        super().__init__(f"{self.path}: {entry}: {reason}")
 
 
 @dataclass
@@ -141,9 +134,14 @@ class BaseSegmentationDataset(abc.ABC):
         """The image as RGB (raises :class:`~crate_vis.io.images.ImageLoadError` with its path)."""
         return load_image(self.image_path(image_id))
 
+    def file_name(self, image_id: ImageId) -> str:
+        """The image's file name as the dataset lists it (COCO ``file_name``; else the image file's name): what
+        predictions are matched by (:mod:`crate_vis.metrics.scoring`)."""
+        return self.image_path(image_id).name
+
     def stem(self, image_id: ImageId) -> str:
-        """File stem of the image: the name prediction files are matched by."""
-        return self.image_path(image_id).stem
+        """File stem of the image (plain prediction folders name their files by it)."""
+        return Path(self.file_name(image_id)).stem
 
     def semantic(self, image_id: ImageId) -> np.ndarray:
         """``(H, W)`` int64 class map, :data:`VOID` for unlabelled pixels.
@@ -169,32 +167,6 @@ class BaseSegmentationDataset(abc.ABC):
         """``(n, 4)`` float ``[x, y, w, h]`` boxes of the objects (from the instances by default)."""
         rows = [inst.bbox for inst in self.instances(image_id)]
         return np.asarray(rows, dtype=np.float64).reshape(-1, 4)
-
-
-def read_label_png(path: str | os.PathLike[str]) -> np.ndarray:
-    """A label PNG (palette 'P' or greyscale 'L'/'I') as its raw ``(H, W)`` int64 indices, never converted to RGB.
-
-    An RGB(A) PNG whose three colour channels are equal everywhere (a greyscale mask saved as colour) is read as
-    greyscale; a colour-coded one is an error, since its colours are not labels.
-
-    Raises:
-        DatasetError: missing or unreadable file, or a colour image where labels were expected.
-    """
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("P", "L", "I", "I;16", "1"):
-                return np.asarray(im, dtype=np.int64)
-            if im.mode in ("LA", "RGB", "RGBA"):
-                arr = np.asarray(im.convert("RGB"), dtype=np.int64)  # (H, W, 3)
-                if (arr[..., 0] == arr[..., 1]).all() and (arr[..., 0] == arr[..., 2]).all():
-                    return arr[..., 0]
-            mode = im.mode
-    except FileNotFoundError:
-        raise DatasetError(path, "label map", "file not found") from None
-    except OSError as err:
-        raise DatasetError(path, "label map", f"unreadable ({err})") from None
-    raise DatasetError(path, "label map", f"expected a palette or greyscale PNG, got a colour image (mode {mode})")
 
 
 def instance_from_mask(mask: np.ndarray, category_id: int, iscrowd: bool = False, id: int | None = None) -> Instance:

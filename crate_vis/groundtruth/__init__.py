@@ -1,4 +1,4 @@
-"""Dataset readers sharing one interface (:class:`~crate_vis.datasets.base.SegmentationDataset`).
+"""Ground-truth readers sharing one interface (:class:`~crate_vis.groundtruth.base.SegmentationDataset`).
 
 :func:`open_dataset` picks the reader from what a path looks like: a COCO instance or panoptic json, a PASCAL VOC
 root, or a folder of masks.
@@ -9,17 +9,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .base import VOID, BaseSegmentationDataset, DatasetError, Instance, SegmentationDataset, read_label_png
-from .coco import COCODataset, load_coco_json, validate_coco_instances
-from .folder import MaskFolderDataset, SegmentOutput, is_segment_output, load_prediction_masks, load_segment_output
+from ..io.coco import load_coco_json
+from .base import VOID, BaseSegmentationDataset, DatasetError, Instance, SegmentationDataset
+from .coco import COCODataset
+from .mask_folder import MaskFolderDataset
 from .panoptic import COCOPanopticDataset, id_to_rgb, rgb_to_id
 from .voc import VOC_CLASSES, VOCDataset, is_voc_root, voc_palette
 
 __all__ = [
     "VOID", "BaseSegmentationDataset", "COCODataset", "COCOPanopticDataset", "DatasetError", "Instance",
-    "MaskFolderDataset", "SegmentOutput", "SegmentationDataset", "VOCDataset", "VOC_CLASSES", "id_to_rgb",
-    "is_segment_output", "is_voc_root", "load_coco_json", "load_prediction_masks", "load_segment_output",
-    "open_dataset", "read_label_png", "rgb_to_id", "validate_coco_instances", "voc_palette",
+    "MaskFolderDataset", "SegmentationDataset", "VOCDataset", "VOC_CLASSES", "id_to_rgb", "is_voc_root",
+    "open_dataset", "rgb_to_id", "voc_palette",
 ]  # fmt: skip
 
 

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..io.coco import find_image_root, load_coco_json
 from .base import VOID, BaseSegmentationDataset, DatasetError, Instance, instance_from_mask
-from .coco import _default_image_root, load_coco_json
 
 __all__ = ["COCOPanopticDataset", "rgb_to_id", "id_to_rgb"]
 
@@ -88,7 +88,7 @@ class COCOPanopticDataset(BaseSegmentationDataset):
                     raise DatasetError(self.path, where, f"unknown category_id {seg['category_id']!r}")
             self.anns[ann["image_id"]] = ann
         self.png_root = Path(png_root) if png_root is not None else self.path.parent / self.path.stem
-        self.image_root = Path(image_root) if image_root is not None else _default_image_root(self.path, data)
+        self.image_root = Path(image_root) if image_root is not None else find_image_root(self.path, data)
         self._ids = [img["id"] for img in data["images"] if img["id"] in self.anns]
         self.name = f"COCO panoptic {self.path.name}"
 

@@ -23,15 +23,20 @@ whose patch grids differ.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+from .attention_mass import attention_mass_inside, attention_mass_stats
+from .base import Metric, _pair
+from .iou import mask_iou_per_head
+
 __all__ = [
-    "head_distributions", "part_assignment", "mask_iou", "mass_inside", "attended_centroids",
-    "centroid_consistency", "part_entropy", "HeadScores", "head_consistency",
+    "head_distributions", "part_assignment", "attended_centroids", "centroid_consistency", "part_entropy",
+    "HeadScores", "head_consistency", "head_part_scores", "HeadPartScore",
 ]  # fmt: skip
 
 _EPS = 1e-12
@@ -66,40 +71,6 @@ def part_assignment(attn: torch.Tensor, masks: torch.Tensor | None = None) -> to
     p = p.masked_fill(~m, -1.0)  # distributions are >= 0, so a masked-out head never wins where another is in
     labels = p.argmax(dim=-3)  # (..., gh, gw)
     return labels.masked_fill(~m.any(dim=-3), -1)
-
-
-def mask_iou(masks: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """IoU of each head's mask with the object mask.
-
-    Args:
-        masks: ``(..., K, gh, gw)`` bool.
-        gt: ``(..., gh, gw)`` bool object mask.
-
-    Returns:
-        ``(..., K)`` float; NaN where both masks are empty.
-    """
-    m = masks.bool()
-    g = gt.bool().unsqueeze(-3)  # (..., 1, gh, gw)
-    inter = (m & g).sum(dim=(-2, -1)).double()
-    union = (m | g).sum(dim=(-2, -1)).double()
-    return torch.where(union > 0, inter / union.clamp_min(1), torch.full_like(union, float("nan")))
-
-
-def mass_inside(attn: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """The share of each head's attention over the patches that falls inside the object.
-
-    Args:
-        attn: ``(..., K, gh, gw)`` non-negative attention.
-        gt: ``(..., gh, gw)`` bool object mask.
-
-    Returns:
-        ``(..., K)`` in ``[0, 1]``; NaN where the image has no object (empty ``gt``).
-    """
-    p = head_distributions(attn).double()
-    g = gt.bool().unsqueeze(-3)  # (..., 1, gh, gw)
-    inside = (p * g).sum(dim=(-2, -1))  # (..., K)
-    has_object = gt.bool().flatten(-2).any(dim=-1).unsqueeze(-1)  # (..., 1)
-    return torch.where(has_object, inside, torch.full_like(inside, float("nan")))
 
 
 def attended_centroids(attn: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
@@ -257,8 +228,8 @@ def head_consistency(
             if tuple(g.shape) != tuple(a.shape[-2:]):
                 raise ValueError(f"image {i}: ground truth {tuple(g.shape)} but attention grid {tuple(a.shape[-2:])}")
             if masks is not None:
-                ious.append(mask_iou(masks[i], g))
-            inside.append(mass_inside(a, g))
+                ious.append(mask_iou_per_head(masks[i], g))
+            inside.append(attention_mass_inside(a, g))
         if masks is not None:
             out.per_image["iou"] = torch.stack(ious).numpy()
             out.scores["iou"] = _nanmean(torch.stack(ious))
@@ -286,3 +257,86 @@ def head_consistency(
     ent = torch.stack([part_entropy(lab, k) for lab in labels])
     out.entropy = float(_nanmean(ent.unsqueeze(-1))[0])
     return out
+
+
+# ------------------------------------------------------------------------ per-head part scores over a dataset
+def _part_update(attn: Any, fg: Any) -> dict[str, np.ndarray]:
+    """One image: attention mass inside the objects and in total per head, and the foreground area.
+
+    Returns:
+        ``inside (heads,)``, ``total (heads,)``, ``fg_area ()``, ``area ()`` (float64).
+    """
+    f = np.asarray(fg.detach().cpu() if hasattr(fg, "detach") else fg, dtype=np.float64)
+    a = attn.detach().cpu() if hasattr(attn, "detach") else np.asarray(attn)
+    if np.ndim(a) != 3:
+        raise ValueError(f"attention must be (heads, h, w), got shape {np.shape(a)}")
+    inside, total = attention_mass_stats(a, f)
+    return {"inside": inside.numpy(), "total": total.numpy(), "fg_area": np.float64(f.sum()), "area": np.float64(f.size)}
+
+
+def _part_compute(inside: np.ndarray, total: np.ndarray, fg_area: float, area: float) -> dict[str, Any]:
+    """Pooled ratio per head and the chance level (the foreground share of all cells)."""
+    if (np.asarray(total) <= 0).any():
+        raise ValueError("a head has no attention mass over the dataset")
+    score = np.asarray(inside) / np.asarray(total)
+    return {"per_head": score.tolist(), "chance": float(fg_area / area), "ranking": np.argsort(-score).tolist()}
+
+
+def head_part_scores(attn: Sequence[Any], fg: Sequence[Any]) -> dict[str, Any]:
+    """Per head, the fraction of its attention mass that falls inside ground-truth objects, over a dataset.
+
+    ``score_k = sum_images sum_cells A_k * F / sum_images sum_cells A_k`` with ``A_k`` the head's attention map and
+    ``F`` the ground-truth foreground at the map's resolution (bool, or the fraction of foreground pixels per cell
+    from :func:`mask_to_grid`). ``chance`` is the foreground share of all cells: a head spreading its mass
+    uniformly scores it.
+
+    Args:
+        attn: per image ``(heads, h, w)`` non-negative maps (e.g. CLS attention).
+        fg: per image ``(h, w)`` foreground in [0, 1].
+
+    Example:
+        >>> a = np.array([[[0.5, 0.5], [0, 0]], [[0.25, 0.25], [0.25, 0.25]]])
+        >>> f = np.array([[1, 1], [0, 0]])
+        >>> head_part_scores([a], [f])
+        {'per_head': [1.0, 0.5], 'chance': 0.5, 'ranking': [0, 1]}
+    """
+    if len(attn) != len(fg):
+        raise ValueError(f"{len(attn)} attention maps for {len(fg)} foreground masks")
+    if not attn:
+        raise ValueError("no images were scored")
+    stats = [_part_update(a, f) for a, f in zip(attn, fg)]
+    if len({s["inside"].shape for s in stats}) > 1:
+        raise ValueError("all images must have the same number of heads")
+    return _part_compute(
+        sum(s["inside"] for s in stats), sum(s["total"] for s in stats),
+        float(sum(s["fg_area"] for s in stats)), float(sum(s["area"] for s in stats)),
+    )  # fmt: skip
+
+
+class HeadPartScore(Metric):
+    """Per-head attention mass inside objects, see :func:`~crate_vis.metrics.head_part_scores`."""
+
+    def reset(self) -> None:
+        self.inside: np.ndarray | None = None
+        self.total: np.ndarray | None = None
+        self.fg_area = 0.0
+        self.area = 0.0
+
+    def update(self, attn: Any, fg: Any) -> None:
+        """Add a batch: per image ``(heads, h, w)`` attention and ``(h, w)`` foreground in [0, 1]."""
+        for a, f in zip(*_pair(attn, fg)):
+            s = _part_update(a, f)
+            if self.inside is None:
+                self.inside, self.total = s["inside"].copy(), s["total"].copy()
+            elif s["inside"].shape != self.inside.shape:
+                raise ValueError(f"{s['inside'].shape[0]} heads after {self.inside.shape[0]}")
+            else:
+                self.inside += s["inside"]
+                self.total += s["total"]
+            self.fg_area += float(s["fg_area"])
+            self.area += float(s["area"])
+
+    def compute(self) -> dict[str, Any]:
+        if self.inside is None or self.total is None:
+            raise ValueError("no images were scored")
+        return _part_compute(self.inside, self.total, self.fg_area, self.area)

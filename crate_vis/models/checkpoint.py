@@ -20,47 +20,34 @@ import logging
 import os
 import pickle
 import re
-import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from .models.crate import CRATE, resample_pos_embed
-from .utils.atomic import atomic_save, atomic_write_json
+from ..errors import CheckpointError
+from ..io.atomic import atomic_save, atomic_write_json
+from .conversion import OFFICIAL_TABLES, convert_official_state_dict, is_official_layout
+from .crate import resample_pos_embed
+from .registry import family_of
 
 __all__ = [
-    "CheckpointError", "LoadReport", "checkpoint_arch", "OFFICIAL_TO_CRATE_VIS", "convert_official_state_dict", "load_checkpoint",
-    "load_model", "read_checkpoint", "read_state_dict", "save_model", "model_to_config",
+    "CheckpointError", "LoadReport", "RUN_CHECKPOINT_FORMAT", "CONFIG_FILE", "WEIGHTS_FILE", "checkpoint_arch",
+    "load_checkpoint", "read_checkpoint", "read_state_dict", "save_model", "model_to_config", "unwrap_state_dict",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
-#: Official CRATE key (regex, after ``module.`` is stripped) -> crate-vis key.
-OFFICIAL_TO_CRATE_VIS: tuple[tuple[str, str], ...] = (
-    (r"^to_patch_embedding\.1\.(weight|bias)$", r"patch_embed.norm_in.\1"),
-    (r"^to_patch_embedding\.2\.(weight|bias)$", r"patch_embed.proj.\1"),
-    (r"^to_patch_embedding\.3\.(weight|bias)$", r"patch_embed.norm_out.\1"),
-    (r"^pos_embedding$", r"pos_embed"),
-    (r"^cls_token$", r"cls_token"),
-    (r"^transformer\.layers\.(\d+)\.0\.norm\.(weight|bias)$", r"blocks.\1.norm1.\2"),
-    (r"^transformer\.layers\.(\d+)\.0\.fn\.qkv\.weight$", r"blocks.\1.attn.qkv.weight"),
-    (r"^transformer\.layers\.(\d+)\.0\.fn\.to_out\.0\.(weight|bias)$", r"blocks.\1.attn.proj.\2"),
-    (r"^transformer\.layers\.(\d+)\.1\.norm\.(weight|bias)$", r"blocks.\1.norm2.\2"),
-    (r"^transformer\.layers\.(\d+)\.1\.fn\.weight$", r"blocks.\1.ista.weight"),
-    (r"^mlp_head\.0\.(weight|bias)$", r"fc_norm.\1"),
-    (r"^mlp_head\.1\.(weight|bias)$", r"head.\1"),
-)
-_TABLE = tuple((re.compile(a), b) for a, b in OFFICIAL_TO_CRATE_VIS)
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+#: ``format`` entry of the training checkpoints ``last.pt`` / ``best.pt`` (written by :mod:`crate_vis.train`).
+RUN_CHECKPOINT_FORMAT = "crate-vis-train"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be read or does not fit the model."""
 
 
 @dataclass
@@ -137,20 +124,46 @@ def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] 
     try:
         with safe_open(str(p), framework="pt") as fh:
             meta = fh.metadata() or {}
-            sd = {k: fh.get_tensor(k) for k in fh.keys()}
+            sd = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open is not a dict
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{p}: not a readable safetensors file (truncated or another format): {err}") from None
-    config = None
+    config = beside = None
     try:
         if "crate_vis_config" in meta:
             config = json.loads(meta["crate_vis_config"])
-        elif (p.parent / CONFIG_FILE).exists():
-            config = json.loads((p.parent / CONFIG_FILE).read_text())
+        if (p.parent / CONFIG_FILE).exists():
+            beside = json.loads((p.parent / CONFIG_FILE).read_text())
     except (ValueError, OSError) as err:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise CheckpointError(f"{p}: the model config it carries is unreadable: {err}") from None
+    if config is None:
+        config = beside
+    elif beside is not None and _architecture(beside) != _architecture(config):
+        # The weights file is the authority; an edited config.json beside it must not be silently ignored.
+        raise CheckpointError(
+            f"{p.parent / CONFIG_FILE} disagrees with the config stored inside {p.name} "
+            f"({_config_difference(beside, config)}); the safetensors file is authoritative: restore or delete "
+            f"{CONFIG_FILE}"
+        )
     if config is not None and not isinstance(config, dict):
         raise CheckpointError(f"{p}: the model config must be a JSON object, got {type(config).__name__}")
     return sd, config
+
+
+def _architecture(config: Any) -> Any:
+    """The part of a project config that decides the architecture (``metadata`` is free-form information)."""
+    return {k: v for k, v in config.items() if k != "metadata"} if isinstance(config, dict) else config
+
+
+def _config_difference(a: Any, b: Any) -> str:
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return "different types"
+    ka, kb = a.get("kwargs", {}), b.get("kwargs", {})
+    if isinstance(ka, dict) and isinstance(kb, dict):
+        diff = sorted(k for k in set(ka) | set(kb) if ka.get(k) != kb.get(k))
+        if diff:
+            return "; ".join(f"{k}: {ka.get(k)!r} vs {kb.get(k)!r}" for k in diff[:5])
+    diff = sorted(k for k in set(a) | set(b) if k != "metadata" and a.get(k) != b.get(k))
+    return "; ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in diff[:5])
 
 
 def checkpoint_arch(path: str | os.PathLike[str]) -> str | None:
@@ -188,33 +201,12 @@ def unwrap_state_dict(obj: Any, source: str = "<state dict>") -> dict[str, torch
 
 
 def read_state_dict(src: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint path or an in-memory checkpoint dict, in crate-vis key names when official."""
+    """Tensors of a checkpoint path or an in-memory checkpoint dict, in crate-vis key names when official CRATE."""
     if isinstance(src, Mapping):
         sd = unwrap_state_dict(src)
     else:
         sd, _ = read_checkpoint(src)
     return convert_official_state_dict(sd) if is_official_layout(sd) else sd
-
-
-def is_official_layout(sd: Mapping[str, Any]) -> bool:
-    """Whether keys follow the official CRATE implementation's names."""
-    return any(k.startswith(("transformer.layers.", "to_patch_embedding.", "mlp_head.")) for k in sd)
-
-
-def convert_official_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename official CRATE keys through :data:`OFFICIAL_TO_CRATE_VIS`; unknown keys raise."""
-    out: dict[str, torch.Tensor] = {}
-    unknown = []
-    for key, value in sd.items():
-        for pattern, repl in _TABLE:
-            if pattern.match(key):
-                out[pattern.sub(repl, key)] = value
-                break
-        else:
-            unknown.append(key)
-    if unknown:
-        raise CheckpointError(f"keys not in the official CRATE layout: {', '.join(sorted(unknown)[:10])}")
-    return out
 
 
 # --------------------------------------------------------------------------------------------------------- loading
@@ -248,8 +240,10 @@ def load_checkpoint(
         raw = unwrap_state_dict(src)
     else:
         raw, _ = read_checkpoint(src)
-    layout = "official" if is_official_layout(raw) else ("crate-vis" if "blocks.0.ista.weight" in raw else "other")
-    sd = convert_official_state_dict(raw) if layout == "official" else dict(raw)
+    family = family_of(model) or "crate"
+    official = family in OFFICIAL_TABLES and is_official_layout(raw, family)
+    layout = "official" if official else ("crate-vis" if any(k.startswith("blocks.0.") for k in raw) else "other")
+    sd = convert_official_state_dict(raw, family) if official else dict(raw)
     report = LoadReport(source=source, layout=layout)
     own = model.state_dict()
 
@@ -331,8 +325,9 @@ def _resize_pos_embed(model: nn.Module, pos: torch.Tensor, target: torch.Tensor)
 def model_to_config(model: nn.Module) -> dict[str, Any]:
     """The project config that rebuilds ``model`` with :func:`load_model`."""
     name = getattr(model, "model_name", None)
-    if isinstance(model, CRATE):
-        return {"family": "crate", "name": name, "kwargs": dict(model.config)}
+    family = family_of(model)
+    if family is not None:
+        return {"family": family, "name": name, "kwargs": dict(model.config)}
     if name is None:
         raise CheckpointError(f"cannot describe a {type(model).__name__} without a registered model_name")
     # Only the architecture: how the weights were first obtained is not part of a config (see _WEIGHT_SOURCE_KEYS).
@@ -376,71 +371,3 @@ _WEIGHT_SOURCE_KEYS = ("pretrained", "checkpoint_path", "cache_dir")
 
 def _is_weight_source_key(key: object) -> bool:
     return isinstance(key, str) and (key in _WEIGHT_SOURCE_KEYS or key.startswith("pretrained_"))
-
-
-def build_from_config(config: Mapping[str, Any]) -> nn.Module:
-    """Build a model (random weights) from a project config."""
-    from .models.registry import create_model
-
-    family = config.get("family")
-    kwargs = config.get("kwargs", {})
-    if not isinstance(kwargs, Mapping):
-        raise CheckpointError(f"config 'kwargs' must be a JSON object, got {type(kwargs).__name__}")
-    kwargs = dict(kwargs)
-    sources = sorted(str(k) for k in kwargs if _is_weight_source_key(k))
-    if sources:
-        # A config travels with downloaded weights: it must not make loading fetch a URL or read another file.
-        raise CheckpointError(
-            f"config asks to load or fetch weights ({', '.join(sources)}); a saved config describes only the "
-            "architecture, the weights come from the file itself"
-        )
-    try:
-        if family == "crate":
-            model: nn.Module = CRATE(**kwargs)
-            model.model_name = config.get("name")  # type: ignore[assignment]
-            return model
-        if family == "timm":
-            return create_model(config["name"], **kwargs)
-    except (TypeError, ValueError, KeyError, RuntimeError) as err:
-        raise CheckpointError(f"config does not describe a buildable {family} model ({type(err).__name__}: {err})") from err
-    raise CheckpointError(f"unknown model family {family!r} in config (expected 'crate' or 'timm')")
-
-
-def _check_config_fits(config: Mapping[str, Any], sd: Mapping[str, torch.Tensor], source: str) -> None:
-    """Refuse a config whose model would not match the tensors, without allocating it.
-
-    The config is untrusted text: sizes in it (``depth``, ``dim``, ``img_size``, ``num_classes``) could ask for a
-    model far larger than the file. The depth is compared with the blocks present first (so that no huge module
-    tree is even built), then the model is built on the ``meta`` device (no memory) and every shape compared.
-    """
-    kwargs = config.get("kwargs", {})
-    depth = kwargs.get("depth") if isinstance(kwargs, Mapping) else None
-    if depth is not None:
-        blocks = {int(m.group(1)) for k in sd if (m := re.match(r"^blocks\.(\d+)\.", k))}
-        if not isinstance(depth, int) or depth != len(blocks):
-            raise CheckpointError(f"{source}: config says depth={depth!r} but the weights hold {len(blocks)} blocks")
-    with torch.device("meta"):
-        probe = build_from_config(config)
-    with warnings.catch_warnings():
-        # Copying into meta parameters is the intended no-op here: only the shape checks matter.
-        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter", category=UserWarning)
-        try:
-            load_checkpoint(probe, sd, strict=True, resize_pos_embed=False)
-        except CheckpointError as err:
-            raise CheckpointError(f"{source}: its config does not match its weights: {err}") from None
-
-
-def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model saved with :func:`save_model` (folder or ``.safetensors`` file), in eval mode."""
-    sd, config = read_checkpoint(path)
-    if config is None:
-        raise CheckpointError(
-            f"{path} carries no crate-vis config, so its sizes are unknown; build the model with "
-            "crate_vis.create_model(name) and call crate_vis.load_checkpoint(model, path), or convert it with "
-            "`crate-vis convert`"
-        )
-    _check_config_fits(config, sd, str(path))
-    model = build_from_config(config)
-    load_checkpoint(model, sd, strict=True)
-    model.pretrained_config = config  # type: ignore[assignment]
-    return model.to(device).eval()

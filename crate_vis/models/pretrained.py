@@ -21,24 +21,36 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .utils.atomic import atomic_write
+from ..errors import ChecksumError, WeightsNotFoundError
+from ..io.atomic import atomic_write
 
 __all__ = [
     "WeightRecord", "ChecksumError", "WeightsNotFoundError", "WEIGHTS_DIR", "cache_dir", "list_weights",
-    "get_record", "resolve_weights", "sha256_file", "verify_sha256", "default_weights",
+    "get_record", "resolve_weights", "sha256_file", "verify_sha256", "default_weights", "weights_status",
 ]  # fmt: skip
 
-#: The project's ``weights/`` folder (manifest and embedded weights); ``$CRATE_VIS_WEIGHTS`` overrides it.
-WEIGHTS_DIR = Path(os.environ.get("CRATE_VIS_WEIGHTS", Path(__file__).resolve().parents[1] / "weights"))
+
+
+def _weights_dir() -> Path:
+    """The folder of the manifest and the embedded weights.
+
+    ``$CRATE_VIS_WEIGHTS`` when set; else ``crate_vis/weights`` inside an installed wheel (the build maps the
+    checkout's top-level ``weights/`` there); else the checkout's ``weights/`` (source tree, editable install).
+    """
+    if os.environ.get("CRATE_VIS_WEIGHTS"):
+        return Path(os.environ["CRATE_VIS_WEIGHTS"])
+    package = Path(__file__).resolve().parents[1]
+    for candidate in (package / "weights", package.parent / "weights"):
+        if (candidate / "manifest.json").is_file():
+            return candidate
+    return package / "weights"
+
+
+#: The manifest and embedded weights folder (see :func:`_weights_dir`).
+WEIGHTS_DIR = _weights_dir()
 DEFAULT_WEIGHTS_NAME = "crate_mini_patch8_96.synthetic"
 
 
-class ChecksumError(RuntimeError):
-    """A weight file's sha256 differs from the manifest."""
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    """A weight is neither on disk nor downloadable."""
 
 
 @dataclass(frozen=True)
@@ -201,3 +213,11 @@ def _record_for_file(path: Path, model_name: str | None) -> WeightRecord | None:
 def default_weights() -> Path:
     """The embedded default weights (project format), verified against the manifest."""
     return resolve_weights(DEFAULT_WEIGHTS_NAME)
+
+
+def weights_status(record: WeightRecord) -> str:
+    """Where a record's file is, or where to put it (one line for ``crate-vis list-models``)."""
+    for candidate in (WEIGHTS_DIR / record.file, cache_dir() / Path(record.file).name):
+        if candidate.exists():
+            return f"on disk: {candidate}"
+    return f"absent: put {Path(record.file).name} in {cache_dir()}" + (f" (or it downloads from {record.url})" if record.url else "")

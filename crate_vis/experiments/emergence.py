@@ -32,17 +32,15 @@ few steps on a few tiny images: a smoke test of the whole pipeline, its numbers 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import platform
 import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,7 +51,7 @@ log = logging.getLogger("crate_vis.emergence")
 __all__ = [
     "EmergenceSettings", "param_count", "matched_vit_kwargs", "measure_step_time", "test_batch", "score_attention",
     "score_maskcut", "score_whitebox", "centre_prior_jaccard", "evaluate", "run_emergence", "write_report",
-    "rebuild_report", "curve_figures", "main",
+    "rebuild_report", "curve_figures",
 ]  # fmt: skip
 
 MODEL_NAMES = ("crate", "vit")
@@ -114,6 +112,7 @@ class EmergenceSettings:
     threads: int = 1
     parallel: bool = False
     fast: bool = False
+    command: str | None = None  # the command line that ran the experiment, for the report
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -420,7 +419,7 @@ def score_attention(model: nn.Module, batch: TestBatch, mass: float = 0.6) -> li
         ``best_head`` (chosen with the ground truth), ``attention_in_object`` (fraction of the CLS attention to
         patches that falls on patches at least half covered by the object, averaged over heads and images).
     """
-    from crate_vis.metrics import fg_jaccard
+    from crate_vis.metrics import attention_mass_inside, fg_jaccard
     from crate_vis.models import token_geometry
     from crate_vis.segmentation import dino_foreground, dino_masks
     from crate_vis.segmentation.masks import upsample_masks
@@ -438,8 +437,7 @@ def score_attention(model: nn.Module, batch: TestBatch, mass: float = 0.6) -> li
         mean_fg = upsample_masks(dino_foreground(attn, mass, combine="mean"), geom.patch_size).numpy()  # (B, S, S)
         per_head = fg_jaccard(list(heads), list(batch.masks))
         mean_attn = fg_jaccard(list(mean_fg), list(batch.masks))
-        share = attn / attn.sum(dim=(-2, -1), keepdim=True)  # (B, h, gh, gw) renormalised over patches
-        inside = (share * torch.from_numpy(cover)[:, None]).sum(dim=(-2, -1))  # (B, h)
+        inside = attention_mass_inside(attn, torch.from_numpy(cover))  # (B, h)
         out.append({
             "layer": layer,
             "heads_mean": per_head["mean"],
@@ -465,8 +463,8 @@ def score_maskcut(
         ``(K, S, S)`` masks, and the COCO results that were scored (image ids ``1..B``).
     """
     from crate_vis.hooks import subspace_features
+    from crate_vis.io.coco import masks_to_results
     from crate_vis.metrics import coco_ap
-    from crate_vis.metrics.functional import masks_to_results
     from crate_vis.models import token_geometry
     from crate_vis.segmentation import maskcut
     from crate_vis.segmentation.masks import upsample_masks
@@ -553,7 +551,7 @@ def run_emergence(s: EmergenceSettings) -> dict[str, Any]:
 
 
 def _run(s: EmergenceSettings) -> dict[str, Any]:
-    from crate_vis.utils.atomic import atomic_write_json
+    from crate_vis.io.atomic import atomic_write_json
 
     t_start = time.perf_counter()
     torch.manual_seed(s.seed)
@@ -573,7 +571,7 @@ def _run(s: EmergenceSettings) -> dict[str, Any]:
 
     results: dict[str, Any] = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()},
-        "command": "crate-vis emergence " + " ".join(shlex.quote(a) for a in _argv_of(s)),
+        "command": s.command or "crate-vis emergence " + " ".join(shlex.quote(a) for a in _argv_of(s)),
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()},
         "budget": budget,
@@ -648,9 +646,9 @@ def write_figures(
     """Layer-wise curves, the head-wise attention grid and a mask comparison, as small PNGs in ``s.out``."""
     from crate_vis.segmentation import attention_maps, dino_foreground
     from crate_vis.segmentation.masks import upsample_masks
-    from crate_vis.viz.plots import HeadBlock, head_grid_figure, save_figure
     from crate_vis.viz.grid import image_grid
     from crate_vis.viz.overlay import mask_overlay
+    from crate_vis.viz.plots import HeadBlock, head_grid_figure, save_figure
 
     paths = curve_figures({"scores": {k: {kk: vv for kk, vv in v.items() if not kk.startswith("_")}
                                       for k, v in evaluated.items()},
@@ -783,7 +781,7 @@ def findings(results: dict[str, Any]) -> list[str]:
 
 def write_report(results: dict[str, Any], path: str | Path) -> Path:
     """Write the markdown report (tables, figures, command, budget, findings) atomically."""
-    from crate_vis.utils.atomic import atomic_write
+    from crate_vis.io.atomic import atomic_write
 
     s, b, models = results["settings"], results["budget"], results["models"]
     lines = [
@@ -843,39 +841,6 @@ def write_report(results: dict[str, Any], path: str | Path) -> Path:
     return dest
 
 
-# ------------------------------------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The experiment's command-line options."""
-    d = EmergenceSettings(out=Path("."))
-    parser.add_argument("--out", required=True, help="folder for emergence.md, emergence.json and the figures")
-    parser.add_argument("--runs", default=None, help="folder for the training runs (default OUT/emergence_runs)")
-    parser.add_argument("--minutes-per-model", type=float, default=d.minutes_per_model,
-                        help="training budget per model; sets the shared step count")  # fmt: skip
-    parser.add_argument("--image-size", type=int, default=d.image_size, help="image side in pixels")
-    parser.add_argument("--max-steps", type=int, default=None, help="fix the step count instead of the budget")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--test-images", type=int, default=d.test_images, help="held-out images scored")
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--threads", type=int, default=d.threads,
-                        help="PyTorch CPU threads (default 1: fastest on a CPU shared with other jobs)")  # fmt: skip
-    parser.add_argument("--parallel", action="store_true",
-                        help="train the two models at the same time in two processes")  # fmt: skip
-    parser.add_argument("--fast", action="store_true", help="smoke test: a few steps on a few tiny images")
-    parser.add_argument("--report-only", action="store_true",
-                        help="rebuild emergence.md and the layer curves from OUT/emergence.json, training nothing")  # fmt: skip
-
-
-def settings_from_args(args: argparse.Namespace) -> EmergenceSettings:
-    """:class:`EmergenceSettings` from parsed arguments."""
-    return EmergenceSettings(
-        out=Path(args.out), runs=None if args.runs is None else Path(args.runs),
-        minutes_per_model=args.minutes_per_model, image_size=args.image_size, max_steps=args.max_steps,
-        batch_size=args.batch_size, lr=args.lr, test_images=args.test_images, seed=args.seed, threads=args.threads,
-        parallel=args.parallel, fast=args.fast,
-    )  # fmt: skip
-
-
 def rebuild_report(out: str | Path) -> dict[str, Any]:
     """Rewrite ``emergence.md`` and the layer-curve figures from ``out/emergence.json`` (after editing the report
     code); the attention and mask figures, which need the models, are kept as they are."""
@@ -887,27 +852,3 @@ def rebuild_report(out: str | Path) -> dict[str, Any]:
     curve_figures(results, out)
     write_report(results, out / "emergence.md")
     return results
-
-
-def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Run (or with ``--report-only`` rebuild the report of) the experiment the arguments describe."""
-    if args.report_only:
-        return rebuild_report(args.out)
-    return run_emergence(settings_from_args(args))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python analysis/emergence.py --out DIR ...``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    results = run_from_args(args)
-    for line in findings(results):
-        print(line)
-    print(f"report: {Path(args.out) / 'emergence.md'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
