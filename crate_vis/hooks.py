@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 #: Feature names :class:`FeatureRecorder` knows, in the order they occur inside a block.
-FEATURES: tuple[str, ...] = ("mssa_in", "subspace", "mssa_out", "ista_in", "ista_out")
+FEATURES: tuple[str, ...] = ("mssa_in", "subspace", "mssa_out", "ista_in", "sparse_code", "ista_out")
 
 
 
@@ -327,6 +327,9 @@ class FeatureRecorder(_Recorder):
     subspace   ``U_k^T z`` per head ``(B, heads, N, dim_head)``          keys after ``k_norm`` ``(B, h, N, dh)``
     mssa_out   MSSA output before the residual ``(B, N, dim)``         attention output before the residual
     ista_in    ``norm2`` output, ISTA input ``(B, N, dim)``              ``norm2`` output (MLP input)
+    sparse_code the ISTA sparse code: CRATE's ISTA output ``(B, N,       block output (after both residuals)
+               dim)``; CRATE-alpha's overcomplete code ``ista.sparse_
+               code`` ``(B, N, ratio * dim)``
     ista_out   block output (= ISTA output) ``(B, N, dim)``            block output (after both residuals)
     ========== ======================================================= ==========================================
 
@@ -373,10 +376,13 @@ class FeatureRecorder(_Recorder):
 
     def _register(self) -> None:
         for i, site in self._sites.items():
+            ista = getattr(site.block, "ista", None)
             modules = {
                 "mssa_in": site.block.norm1 if "mssa_in" in self.feature_names else None,
                 "mssa_out": site.attn,
                 "ista_in": site.block.norm2 if "ista_in" in self.feature_names else None,
+                # the sparse code: CRATE-alpha's overcomplete code, CRATE's ISTA output, a ViT's block output
+                "sparse_code": getattr(ista, "sparse_code", None) or ista or site.block,
                 "ista_out": site.block,
             }
             for name in self.feature_names:

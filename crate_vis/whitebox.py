@@ -256,7 +256,8 @@ def measure_layers(
     """Per-layer, per-image white-box measurements of one batch.
 
     For layer ``l`` with input ``z``: ``coding_rate`` of the MSSA projections ``qkv(LN(z))`` split into heads
-    (:func:`coding_rate`); ``sparsity`` and ``l1l2`` of the block output (the ISTA output in CRATE);
+    (:func:`coding_rate`); ``sparsity`` and ``l1l2`` of the layer's sparse code (CRATE's ISTA output, CRATE-alpha's
+    overcomplete code ``ista.sparse_code``, the CRATE-MAE encoder's ISTA output; a ViT's block output);
     ``compression_rate`` ``R^c(LN(z); U)``, ``total_rate`` ``R(LN(z))`` and ``rate_reduction`` their difference
     (CRATE only, where the bases ``U`` are the MSSA projection).
 
@@ -272,7 +273,7 @@ def measure_layers(
     Returns:
         ``{layer: {metric: (B,) float64}}`` with metrics from :data:`METRICS`.
     """
-    rec = FeatureRecorder(model, layers=layers, features=("mssa_in", "subspace", "ista_out"))
+    rec = FeatureRecorder(model, layers=layers, features=("mssa_in", "subspace", "sparse_code"))
     with rec:
         run_until(model, images, rec.layers[-1])  # layers after the last one measured need not run
     blocks = model_layers(model)
@@ -281,8 +282,8 @@ def measure_layers(
         f = rec.features[i]
         m = {
             "coding_rate": coding_rate(f["subspace"], eps),
-            "sparsity": sparsity(f["ista_out"]),
-            "l1l2": l1_l2_ratio(f["ista_out"]),
+            "sparsity": sparsity(f["sparse_code"]),
+            "l1l2": l1_l2_ratio(f["sparse_code"]),
         }
         if isinstance(getattr(blocks[i], "attn", None), MSSA):
             m["compression_rate"] = compression_rate(f["mssa_in"], blocks[i], eps)

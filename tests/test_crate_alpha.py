@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
+from crate_vis.errors import CheckpointError
 from crate_vis.hooks import AttentionRecorder, cls_attention_maps
 from crate_vis.models import crate_alpha
+from crate_vis.models.conversion import OFFICIAL_TO_CRATE_VIS_ALPHA, convert_official_state_dict
 from crate_vis.models.crate import MSSA, resample_pos_embed
 from crate_vis.models.crate_alpha import (
     CRATE_ALPHA_VARIANTS,
-    OFFICIAL_TO_CRATE_VIS_ALPHA,
     CRATEAlpha,
-    convert_crate_alpha_state_dict,
 )
 from crate_vis.models.geometry import token_geometry
 from crate_vis.segmentation.dino import dino_masks
@@ -38,6 +38,11 @@ REFERENCE_PARAMS = {
     "crate_alpha_tiny_patch16_224": 4_811_944,
     "crate_alpha_small_patch16_224": 40_975_912,
 }
+
+
+def convert_crate_alpha_state_dict(sd):
+    """The official CRATE-alpha key table of the loader (crate_vis.models.conversion)."""
+    return convert_official_state_dict(sd, "crate_alpha")
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +290,7 @@ def test_conversion_table_covers_twelve_layers(official_sd):
 
 def test_conversion_names_every_unknown_key():
     keys = _official_keys(2) + ["transformer.layers.1.1.fn.weight", "module.cls_token", "mlp_head.2.weight"]
-    with pytest.raises(ValueError, match=r"3 key\(s\)") as err:
+    with pytest.raises(CheckpointError, match=r"3 key\(s\)") as err:
         convert_crate_alpha_state_dict({k: torch.zeros(1) for k in keys})
     for key in ("transformer.layers.1.1.fn.weight", "module.cls_token", "mlp_head.2.weight"):
         assert key in str(err.value)

@@ -11,17 +11,28 @@ import numpy as np
 import pytest
 import torch
 
+from crate_vis.errors import CheckpointError
 from crate_vis.hooks import AttentionRecorder
+from crate_vis.models.checkpoint import load_checkpoint, safe_torch_load, unwrap_state_dict
+from crate_vis.models.conversion import convert_official_state_dict
 from crate_vis.models.crate_mae import (
     CRATE_MAE_VARIANTS,
     CRATEMAE,
-    convert_crate_mae_state_dict,
     noise_from_kept,
-    read_mae_checkpoint,
     sincos_pos_embed_2d,
 )
 
 DATA = Path(__file__).parent / "data"
+
+
+def convert_crate_mae_state_dict(sd):
+    """The official CRATE-MAE key table of the loader, after the loader's own unwrapping (``module.`` prefixes)."""
+    return convert_official_state_dict(unwrap_state_dict(dict(sd)), "crate_mae")
+
+
+def read_mae_checkpoint(path):
+    """The loader's safe read of an MAE-codebase checkpoint (argparse.Namespace is the one class allowed)."""
+    return safe_torch_load(Path(path))
 TOL = 1e-5
 CONFIG = "crate_mae_test_patch8_32"
 
@@ -189,7 +200,7 @@ def test_checkpoint_with_another_pickled_class_is_refused(tmp_path, checkpoint):
     path = tmp_path / "bad.pth"
     extra = fractions.Fraction(1, 3)  # any class other than argparse.Namespace
     torch.save({"model": checkpoint["model"], "args": argparse.Namespace(model="x"), "x": extra}, path)
-    with pytest.raises(ValueError, match=r"refused to unpickle fractions\.Fraction") as err:
+    with pytest.raises(CheckpointError, match=r"fractions\.Fraction") as err:
         read_mae_checkpoint(path)
     assert "\n" not in str(err.value)
     fine = tmp_path / "fine.pth"
@@ -197,8 +208,8 @@ def test_checkpoint_with_another_pickled_class_is_refused(tmp_path, checkpoint):
     assert read_mae_checkpoint(fine)["args"].model == "x"
     no_model = tmp_path / "no_model.pth"
     torch.save({"state": {}}, no_model)
-    with pytest.raises(ValueError, match="'model' state dict"):
-        read_mae_checkpoint(no_model)
+    with pytest.raises(CheckpointError, match="not a tensor"):
+        load_checkpoint(CRATEMAE(**CRATE_MAE_VARIANTS[CONFIG]), no_model)
 
 
 def test_conversion_table(checkpoint):
@@ -210,7 +221,7 @@ def test_conversion_table(checkpoint):
     assert list(two_digit) == ["decoder_blocks.23.attn.proj.bias"]
     sd["head.weight"] = torch.zeros(1)
     sd["blocks.0.layers.0.2.fn.weight"] = torch.zeros(1)
-    with pytest.raises(ValueError, match=r"2 keys .*blocks\.0\.layers\.0\.2\.fn\.weight, head\.weight"):
+    with pytest.raises(CheckpointError, match=r"2 key\(s\) .*blocks\.0\.layers\.0\.2\.fn\.weight, head\.weight"):
         convert_crate_mae_state_dict(sd)
 
 

@@ -15,6 +15,7 @@ refused, never executed.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -30,13 +31,14 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..io.atomic import atomic_save, atomic_write_json
-from .conversion import OFFICIAL_TABLES, convert_official_state_dict, is_official_layout
+from .conversion import FAMILY_NAMES, convert_official_state_dict, detect_layout
 from .crate import resample_pos_embed
 from .registry import family_of
 
 __all__ = [
     "CheckpointError", "LoadReport", "RUN_CHECKPOINT_FORMAT", "CONFIG_FILE", "WEIGHTS_FILE", "checkpoint_arch",
     "load_checkpoint", "read_checkpoint", "read_state_dict", "save_model", "model_to_config", "unwrap_state_dict",
+    "safe_torch_load",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -68,15 +70,24 @@ class LoadReport:
 
 
 # --------------------------------------------------------------------------------------------------------- reading
-def _torch_load(path: Path) -> Any:
+def safe_torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` with one class allowed beyond tensors and containers: ``argparse.Namespace``,
+    the ``args`` entry of MAE-codebase checkpoints (CRATE-MAE). Anything else that needs unpickling is refused."""
     if path.is_file() and path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file (0 bytes); an interrupted download or copy?")
+    if path.suffix == ".npz":
+        raise CheckpointError(
+            f"{path}: a NumPy/JAX archive (.npz). JAX checkpoints (CRATE-alpha's Flax weights) are not read; use the "
+            "published PyTorch weights (crate_alpha_B16.pth, crate_alpha_L14.pth) or a .pth/.safetensors file"
+        )
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"{path}: refused to load: the file needs arbitrary unpickling, which could run code. Only tensors, "
-            f"dicts, lists and numbers are read (torch.load(weights_only=True)). Details: {_unpickler_reason(err)}"
+            f"dicts, lists, numbers and argparse.Namespace are read (torch.load(weights_only=True)). Details: "
+            f"{_unpickler_reason(err)}"
         ) from None
     except Exception as err:  # noqa: BLE001 - corrupt bytes make the zip/pickle readers fail in many ways
         # (struct.error, IndexError, KeyError, AssertionError, ...): all of them mean "not a readable checkpoint".
@@ -114,7 +125,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
         raise CheckpointError(f"checkpoint not found: {p}")
     if p.suffix == ".safetensors":
         return _read_safetensors(p)
-    obj = _torch_load(p)
+    obj = safe_torch_load(p)
     return unwrap_state_dict(obj, source=str(p)), None
 
 
@@ -171,7 +182,7 @@ def checkpoint_arch(path: str | os.PathLike[str]) -> str | None:
     p = Path(path)
     if p.is_dir() or p.suffix == ".safetensors":
         return None
-    obj = _torch_load(p)
+    obj = safe_torch_load(p)
     arch = obj.get("arch") if isinstance(obj, Mapping) else None
     return arch if isinstance(arch, str) else None
 
@@ -201,12 +212,13 @@ def unwrap_state_dict(obj: Any, source: str = "<state dict>") -> dict[str, torch
 
 
 def read_state_dict(src: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint path or an in-memory checkpoint dict, in crate-vis key names when official CRATE."""
+    """Tensors of a checkpoint path or an in-memory checkpoint dict, in crate-vis key names when official (any family)."""
     if isinstance(src, Mapping):
         sd = unwrap_state_dict(src)
     else:
         sd, _ = read_checkpoint(src)
-    return convert_official_state_dict(sd) if is_official_layout(sd) else sd
+    family, layout = detect_layout(sd)
+    return convert_official_state_dict(sd, family) if layout == "official" and family else sd
 
 
 # --------------------------------------------------------------------------------------------------------- loading
@@ -240,10 +252,15 @@ def load_checkpoint(
         raw = unwrap_state_dict(src)
     else:
         raw, _ = read_checkpoint(src)
-    family = family_of(model) or "crate"
-    official = family in OFFICIAL_TABLES and is_official_layout(raw, family)
-    layout = "official" if official else ("crate-vis" if any(k.startswith("blocks.0.") for k in raw) else "other")
-    sd = convert_official_state_dict(raw, family) if official else dict(raw)
+    family = family_of(model) or "timm"
+    found, layout = detect_layout(raw)
+    if found is not None and found != family and {found, family} <= set(FAMILY_NAMES):
+        raise CheckpointError(
+            f"{source} holds a {FAMILY_NAMES[found]} checkpoint ({layout} layout), but the model is a "
+            f"{FAMILY_NAMES[family]} ({type(model).__name__}); build the matching model (crate-vis list-models "
+            f"shows the {FAMILY_NAMES[found]} names). Nothing was loaded."
+        )
+    sd = convert_official_state_dict(raw, family) if layout == "official" else dict(raw)
     report = LoadReport(source=source, layout=layout)
     own = model.state_dict()
 

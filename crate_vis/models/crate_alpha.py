@@ -54,8 +54,7 @@ PyTorch weights are published for B/16 and L/14.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -342,55 +341,3 @@ class CRATEAlpha(nn.Module):
             f"heads={self.num_heads}, dim_head={self.dim_head}, overcomplete_ratio={self.overcomplete_ratio}, "
             f"pool={self.pool!r}"
         )
-
-
-# ---------------------------------------------------------------------------------------------------- checkpoints
-#: Official CRATE-alpha key (regex over a bare state dict) -> crate-vis key.
-OFFICIAL_TO_CRATE_VIS_ALPHA: tuple[tuple[str, str], ...] = (
-    (r"^conv1\.(weight|bias)$", r"patch_embed.proj.\1"),
-    (r"^pos_embedding$", r"pos_embed"),
-    (r"^cls_token$", r"cls_token"),
-    (r"^transformer\.layers\.(\d+)\.0\.norm\.(weight|bias)$", r"blocks.\1.norm1.\2"),
-    (r"^transformer\.layers\.(\d+)\.0\.fn\.qkv\.weight$", r"blocks.\1.attn.qkv.weight"),
-    (r"^transformer\.layers\.(\d+)\.0\.fn\.to_out\.0\.weight$", r"blocks.\1.attn.proj.weight"),
-    (r"^transformer\.layers\.(\d+)\.1\.norm\.(weight|bias)$", r"blocks.\1.norm2.\2"),
-    (r"^transformer\.layers\.(\d+)\.1\.fn\.(D|D1)$", r"blocks.\1.ista.\2"),
-    (r"^mlp_head\.0\.(weight|bias)$", r"fc_norm.\1"),
-    (r"^mlp_head\.1\.(weight|bias)$", r"head.\1"),
-)
-_ALPHA_TABLE = tuple((re.compile(a), b) for a, b in OFFICIAL_TO_CRATE_VIS_ALPHA)
-
-
-def convert_crate_alpha_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename an official CRATE-alpha state dict through :data:`OFFICIAL_TO_CRATE_VIS_ALPHA`.
-
-    Args:
-        sd: a bare official state dict (as ``crate_alpha_B16.pth`` holds; strip any ``module.`` prefix first).
-
-    Returns:
-        The same tensors under :class:`CRATEAlpha` key names.
-
-    Raises:
-        ValueError: some keys match no row of the table; all of them are named.
-
-    Example:
-        >>> w = torch.zeros(64, 3, 8, 8)
-        >>> list(convert_crate_alpha_state_dict({"conv1.weight": w, "transformer.layers.11.1.fn.D1": w}))
-        ['patch_embed.proj.weight', 'blocks.11.ista.D1']
-    """
-    out: dict[str, torch.Tensor] = {}
-    unknown: list[str] = []
-    for key, value in sd.items():
-        for pattern, repl in _ALPHA_TABLE:
-            if pattern.match(key):
-                out[pattern.sub(repl, key)] = value
-                break
-        else:
-            unknown.append(key)
-    if unknown:
-        raise ValueError(
-            f"{len(unknown)} key(s) match no row of the official CRATE-alpha layout (OFFICIAL_TO_CRATE_VIS_ALPHA): "
-            f"{', '.join(sorted(unknown))}; expected a bare state dict of torch_inference/model/crate_alpha.py "
-            "(conv1.*, pos_embedding, cls_token, transformer.layers.<i>.*, mlp_head.*)"
-        )
-    return out

@@ -43,11 +43,7 @@ through the ``attend`` softmax (:meth:`CRATEMAE.set_fused`). Encoder blocks are
 
 from __future__ import annotations
 
-import argparse
-import os
-import pickle
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -624,95 +620,3 @@ class CRATEMAE(nn.Module):
             f"depth={self.depth}, num_heads={self.num_heads}, decoder_depth={self.decoder_depth}, "
             f"norm_pix_loss={self.norm_pix_loss}"
         )
-
-
-# --------------------------------------------------------------------------------------------------- checkpoints
-#: Official CRATE-MAE key (regex, after a ``module.`` prefix is stripped) -> crate-vis key. The fixed sin-cos tables
-#: are stored by the reference as frozen parameters and are kept here as buffers of the same names.
-OFFICIAL_TO_CRATE_VIS_MAE: tuple[tuple[str, str], ...] = (
-    (r"^cls_token$", r"cls_token"),
-    (r"^mask_token$", r"mask_token"),
-    (r"^pos_embed$", r"pos_embed"),
-    (r"^decoder_pos_embed$", r"decoder_pos_embed"),
-    (r"^patch_embed\.proj\.(weight|bias)$", r"patch_embed.proj.\1"),
-    (r"^blocks\.(\d+)\.layers\.0\.0\.norm\.(weight|bias)$", r"blocks.\1.norm1.\2"),
-    (r"^blocks\.(\d+)\.layers\.0\.0\.fn\.qkv\.weight$", r"blocks.\1.attn.qkv.weight"),
-    (r"^blocks\.(\d+)\.layers\.0\.0\.fn\.to_out\.0\.(weight|bias)$", r"blocks.\1.attn.proj.\2"),
-    (r"^blocks\.(\d+)\.layers\.0\.1\.norm\.(weight|bias)$", r"blocks.\1.norm2.\2"),
-    (r"^blocks\.(\d+)\.layers\.0\.1\.fn\.weight$", r"blocks.\1.ista.weight"),
-    (r"^norm\.(weight|bias)$", r"norm.\1"),
-    (r"^decoder_embed\.(weight|bias)$", r"decoder_embed.\1"),
-    (r"^decoder_blocks\.(\d+)\.layers\.0\.0\.norm\.(weight|bias)$", r"decoder_blocks.\1.norm1.\2"),
-    (r"^decoder_blocks\.(\d+)\.layers\.0\.0\.fn\.weight$", r"decoder_blocks.\1.dictionary.weight"),
-    (r"^decoder_blocks\.(\d+)\.layers\.0\.1\.norm\.(weight|bias)$", r"decoder_blocks.\1.norm2.\2"),
-    (r"^decoder_blocks\.(\d+)\.layers\.0\.1\.fn\.qkv\.weight$", r"decoder_blocks.\1.attn.qkv.weight"),
-    (r"^decoder_blocks\.(\d+)\.layers\.0\.1\.fn\.to_out\.0\.(weight|bias)$", r"decoder_blocks.\1.attn.proj.\2"),
-    (r"^decoder_norm\.(weight|bias)$", r"decoder_norm.\1"),
-    (r"^decoder_pred\.(weight|bias)$", r"decoder_pred.\1"),
-)
-_MAE_TABLE = tuple((re.compile(a), b) for a, b in OFFICIAL_TO_CRATE_VIS_MAE)
-
-
-def convert_crate_mae_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename an official CRATE-MAE state dict through :data:`OFFICIAL_TO_CRATE_VIS_MAE`.
-
-    A ``module.`` prefix on every key (a DDP-wrapped save) is stripped first.
-
-    Args:
-        sd: the ``"model"`` entry of an official checkpoint.
-
-    Returns:
-        A state dict that ``CRATEMAE.load_state_dict(..., strict=True)`` accepts.
-
-    Raises:
-        ValueError: some keys match no row of the table; all of them are listed.
-
-    Example:
-        >>> convert_crate_mae_state_dict({"blocks.11.layers.0.1.fn.weight": torch.eye(2)}).keys()
-        dict_keys(['blocks.11.ista.weight'])
-    """
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
-    out: dict[str, torch.Tensor] = {}
-    unknown = []
-    for key, value in sd.items():
-        for pattern, repl in _MAE_TABLE:
-            if pattern.match(key):
-                out[pattern.sub(repl, key)] = value
-                break
-        else:
-            unknown.append(key)
-    if unknown:
-        raise ValueError(f"{len(unknown)} keys not in the official CRATE-MAE layout: {', '.join(sorted(unknown))}")
-    return out
-
-
-def read_mae_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a checkpoint in the MAE codebase layout ``{"model", "optimizer", "epoch", "scaler", "args"}``.
-
-    ``torch.load(weights_only=True)`` with exactly one class allowed beyond tensors and containers:
-    ``argparse.Namespace``, the type of ``args``. A file that needs any other class is refused, never executed.
-
-    Args:
-        path: the ``.pth`` file.
-
-    Returns:
-        The checkpoint dict; ``ckpt["model"]`` is the official state dict (see
-        :func:`convert_crate_mae_state_dict`).
-
-    Raises:
-        ValueError: the file needs another class (the message names it), or holds no ``"model"`` state dict.
-    """
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        what = found.group(1) if found else str(err).strip().splitlines()[-1]
-        raise ValueError(
-            f"{os.fspath(path)}: refused to unpickle {what}; only tensors, containers and argparse.Namespace are read"
-        ) from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), Mapping):
-        found_keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{os.fspath(path)}: expected a dict with a 'model' state dict, found {found_keys}")
-    return ckpt

@@ -36,9 +36,9 @@ from .checkpoint import (
     RUN_CHECKPOINT_FORMAT,
     WEIGHTS_FILE,
     _is_weight_source_key,
-    _torch_load,
     load_checkpoint,
     read_checkpoint,
+    safe_torch_load,
 )
 from .registry import family_class, is_registered, model_config, model_family, unknown_model_message
 
@@ -276,7 +276,7 @@ def resolve_model(
             meta = getattr(model, "pretrained_config", {}).get("metadata", {}) or {}
             info.update({k: meta[k] for k in ("classes", "img_size") if k in meta})
         return _finish(model, info, dev, with_info)
-    obj = _torch_load(p)
+    obj = safe_torch_load(p)
     if isinstance(obj, Mapping) and obj.get("format") == RUN_CHECKPOINT_FORMAT:
         model, info = _run_checkpoint_model(obj, str(p))
         if model_name and model_name != getattr(model, "model_name", None):
@@ -333,10 +333,15 @@ def convert_checkpoint(
             raise CheckpointError(f"cannot tell the architecture of {source} (arch={arch!r}); pass --model NAME")
         model_name = OFFICIAL_ARCH[arch]
     sd, _ = read_checkpoint(source)
-    if num_classes is None:
-        head = next((sd[k] for k in ("mlp_head.1.weight", "head.weight", "head.fc.weight") if k in sd), None)
-        num_classes = int(head.shape[0]) if head is not None else 0
-    model = create_model(model_name, num_classes=num_classes, **model_kwargs)
+    if is_registered(model_name) and model_family(model_name) == "crate_mae":
+        if num_classes:
+            raise UsageError(f"{model_name} is a masked autoencoder without a classifier: leave out --num-classes")
+    else:
+        if num_classes is None:
+            head = next((sd[k] for k in ("mlp_head.1.weight", "head.weight", "head.fc.weight") if k in sd), None)
+            num_classes = int(head.shape[0]) if head is not None else 0
+        model_kwargs["num_classes"] = num_classes
+    model = create_model(model_name, **model_kwargs)
     report = load_checkpoint(model, source, strict=True)
     layout = "official" if is_official_layout(sd) else report.layout
     path = save_model(model, out, metadata={"converted_from": str(source), "layout": report.layout})

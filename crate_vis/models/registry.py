@@ -20,8 +20,9 @@ crate_mini_patch8_96                 192      6      6       32    the embedded 
 crate_test_patch8_32                  64      3      4       16    golden-reference test config
 ==================================  =====  =====  =====  ========  =====================================
 
-CRATE-alpha and CRATE-MAE sizes are registered from :data:`crate_vis.models.crate_alpha.CRATE_ALPHA_VARIANTS` and
-:data:`crate_vis.models.crate_mae.CRATE_MAE_VARIANTS`.
+CRATE-alpha and CRATE-MAE sizes are registered from :data:`crate_vis.models.crate_alpha.CRATE_ALPHA_VARIANTS`
+(``crate_alpha_{tiny,small,base,large}_patch{P}_224``, base and large at every published patch) and
+:data:`crate_vis.models.crate_mae.CRATE_MAE_VARIANTS` (``crate_mae_{tiny,small,base,large}_patch16_224``).
 
 Example:
     >>> from crate_vis.models.registry import list_models, model_family
@@ -41,6 +42,8 @@ from typing import Any
 from torch import nn
 
 from .crate import CRATE
+from .crate_alpha import CRATE_ALPHA_VARIANTS, CRATEAlpha
+from .crate_mae import CRATE_MAE_VARIANTS, CRATEMAE
 
 __all__ = [
     "FAMILIES", "ModelSpec", "register_model", "list_models", "model_config", "model_family", "is_registered",
@@ -140,6 +143,12 @@ for _size, _dims in _EMERGENCE_SIZES.items():
         )
 register_model("crate_test_patch8_32", dict(image_size=32, patch_size=8, num_classes=10, dim=64, depth=3, heads=4, dim_head=16))
 register_model("crate_mini_patch8_96", dict(image_size=96, patch_size=8, num_classes=10, dim=192, depth=6, heads=6, dim_head=32))
+register_family(
+    "crate_alpha", CRATEAlpha, "CRATE-alpha (Yang et al., NeurIPS 2024; official UCSC-VLAA/CRATE-alpha)", CRATE_ALPHA_VARIANTS
+)
+register_family(
+    "crate_mae", CRATEMAE, "CRATE-MAE (Pai et al., ICLR 2024; official Ma-Lab-Berkeley/CRATE model/crate_ae)", CRATE_MAE_VARIANTS
+)
 
 
 def list_models(pattern: str = "*", include_timm: bool = False, family: str | None = None) -> list[str]:
