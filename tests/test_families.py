@@ -116,7 +116,7 @@ def test_every_command_runs_on_every_family(family, photos, tmp_path, capsys):
 
 def test_a_checkpoint_of_another_family_is_refused(family):
     fam, name, _ = family
-    for other, (other_name, official) in FAMILIES.items():
+    for other, (_, official) in FAMILIES.items():
         if other == fam:
             continue
         model = create_model(name)

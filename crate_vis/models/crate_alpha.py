@@ -18,7 +18,7 @@ embedding, pre-norm LayerNorms with ``eps=1e-6``, no final norm after the last l
 ``LayerNorm(eps=1e-5) -> Linear`` on the CLS token. Dropout sits where the reference puts it: on the attention weights
 and after the attention's output projection; the sparse-coding block has none. Published checkpoints
 (``crate_alpha_B16.pth``, ``crate_alpha_L14.pth``: bare state dicts) are renamed through the explicit key table
-:data:`OFFICIAL_TO_CRATE_VIS_ALPHA` by :func:`convert_crate_alpha_state_dict`.
+:data:`crate_vis.models.conversion.OFFICIAL_TO_CRATE_VIS_ALPHA` when :func:`crate_vis.load_checkpoint` reads them.
 
 Differences from the reference, all of which leave its outputs at the training size unchanged:
 
@@ -64,8 +64,7 @@ from torch import nn
 from .crate import CRATE, MSSA, PatchEmbed, to_2tuple
 
 __all__ = [
-    "CRATEAlpha", "CRATEAlphaBlock", "CRATE_ALPHA_VARIANTS", "ConvPatchEmbed", "OFFICIAL_TO_CRATE_VIS_ALPHA",
-    "OvercompleteISTA", "convert_crate_alpha_state_dict",
+    "CRATEAlpha", "CRATEAlphaBlock", "CRATE_ALPHA_VARIANTS", "ConvPatchEmbed", "OvercompleteISTA",
 ]  # fmt: skip
 
 

@@ -37,8 +37,9 @@ As in CRATE, every layer has a fused path (default) and an explicit one that mat
 through the ``attend`` softmax (:meth:`CRATEMAE.set_fused`). Encoder blocks are
 :class:`crate_vis.models.crate.CRATEBlock` (``norm1``, ``attn``, ``norm2``, ``ista``), so the recorders of
 :mod:`crate_vis.hooks` work on ``model`` as on CRATE; decoder attention is recorded through
-:meth:`CRATEMAE.decoder_view`. Official checkpoints (the MAE codebase layout) are read with
-:func:`read_mae_checkpoint` and renamed through :data:`OFFICIAL_TO_CRATE_VIS_MAE`.
+:meth:`CRATEMAE.decoder_view`. Official checkpoints (the MAE codebase layout, whose ``args`` is an
+``argparse.Namespace``: the one class :func:`crate_vis.models.checkpoint.safe_torch_load` allows) are renamed through
+:data:`crate_vis.models.conversion.OFFICIAL_TO_CRATE_VIS_MAE` when :func:`crate_vis.load_checkpoint` reads them.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from .crate import CRATE, MSSA, CRATEBlock, PatchEmbed, to_2tuple
 
 __all__ = [
     "CRATEMAE", "CRATEDecoderBlock", "ConvPatchEmbed", "LinearDictionary", "CRATE_MAE_VARIANTS",
-    "OFFICIAL_TO_CRATE_VIS_MAE", "convert_crate_mae_state_dict", "read_mae_checkpoint", "sincos_pos_embed_2d",
+    "sincos_pos_embed_2d",
     "masking_from_noise", "noise_from_kept",
 ]  # fmt: skip
 
