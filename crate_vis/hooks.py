@@ -181,7 +181,7 @@ def resolve_heads(heads: Sequence[int] | None, num_heads: int) -> list[int]:
         raise UsageError("no heads selected")
     out = [h % num_heads for h in heads]
     if len(set(out)) != len(out):
-        raise UsageError(f"heads {list(heads)} name a head twice")
+        raise UsageError(f"--heads names a head twice: {','.join(map(str, heads))}")
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -47,11 +48,40 @@ def tiny_crate():
     return create_model("crate_test_patch8_32").eval()
 
 
+#: Set (CI sets it) to make a missing ../shared/data a failure instead of a skip.
+REQUIRE_SHARED = os.environ.get("CRATE_VIS_REQUIRE_SHARED", "") not in ("", "0")
+
+#: Fixtures that read ../shared/data: a test using one carries the ``data`` marker.
+SHARED_FIXTURES = ("hymenoptera_root", "coco128_root", "imagenette_root", "horse_root")
+
+
 def _shared(sub: str) -> Path:
     path = SHARED_DATA / sub
     if not path.exists():
-        pytest.skip(f"{path} is absent (real photos are read from ../shared/data, never committed)")
+        message = f"{path} is absent (real photos are read from ../shared/data, never committed)"
+        if REQUIRE_SHARED:
+            pytest.fail(message + "; CRATE_VIS_REQUIRE_SHARED is set")
+        pytest.skip(message)
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that reads ../shared/data with ``data`` (``-m "not data"`` deselects them)."""
+    for item in items:
+        if any(name in getattr(item, "fixturenames", ()) for name in SHARED_FIXTURES):
+            item.add_marker(pytest.mark.data)
+
+
+@pytest.fixture(scope="session")
+def imagenette_root() -> Path:
+    """Imagenette ImageFolder root with train/ and val/ (10 classes, 224 px)."""
+    return _shared("imagenette")
+
+
+@pytest.fixture(scope="session")
+def horse_root() -> Path:
+    """Weizmann horses: images/, masks/, annotations/instances.json."""
+    return _shared("weizmann_horse")
 
 
 @pytest.fixture(scope="session")

@@ -370,7 +370,7 @@ def test_mutated_checkpoints_only_raise_checkpoint_error(tmp_path):
 
 # ------------------------------------------------------------------------------------- CIFAR python pickles
 def test_hostile_cifar_pickle_is_refused(tmp_path):
-    folders = pytest.importorskip("crate_vis.data.folders")
+    from crate_vis.data import folders
     marker = tmp_path / "MARKER"
     for protocol in (0, 2, 4):
         path = tmp_path / f"data_batch_{protocol}"
@@ -381,7 +381,7 @@ def test_hostile_cifar_pickle_is_refused(tmp_path):
 
 
 def test_cifar_pickle_with_a_corrupt_codec_name_is_a_value_error(tmp_path):
-    folders = pytest.importorskip("crate_vis.data.folders")
+    from crate_vis.data import folders
     blob = pickle.dumps({b"data": b"abc"}, protocol=2)  # bytes travel as _codecs.encode(str, "latin1")
     assert b"latin1" in blob
     (tmp_path / "batch").write_bytes(blob.replace(b"latin1", b"nosuch"))
@@ -391,7 +391,7 @@ def test_cifar_pickle_with_a_corrupt_codec_name_is_a_value_error(tmp_path):
 
 # ------------------------------------------------------------------------------------ training checkpoints
 def test_hostile_training_checkpoint_is_refused(tmp_path):
-    checkpointing = pytest.importorskip("crate_vis.train.checkpointing")
+    from crate_vis.train import checkpointing
     marker = tmp_path / "MARKER"
     path = tmp_path / "last.pt"
     torch.save({"format": checkpointing.CHECKPOINT_FORMAT, "model": _Payload(marker)}, path)
@@ -405,7 +405,7 @@ def test_hostile_training_checkpoint_is_refused(tmp_path):
 
 
 def test_text_file_as_training_checkpoint_is_a_value_error(tmp_path):
-    checkpointing = pytest.importorskip("crate_vis.train.checkpointing")
+    from crate_vis.train import checkpointing
     (tmp_path / "last.pt").write_text("hello world\n")
     with pytest.raises(ValueError):
         checkpointing.load_training_state(tmp_path / "last.pt")

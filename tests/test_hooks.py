@@ -275,7 +275,8 @@ def test_feature_recorder_against_golden_and_intermediates(golden, golden_model)
     torch.testing.assert_close(rec.final, torch.from_numpy(golden["final_tokens"]), atol=1e-5, rtol=0)
     for i in range(3):
         f = rec.features[i]
-        assert set(f) == {"mssa_in", "subspace", "mssa_out", "ista_in", "ista_out"}
+        assert set(f) == {"mssa_in", "subspace", "mssa_out", "ista_in", "sparse_code", "ista_out"}
+        assert torch.equal(f["sparse_code"], f["ista_out"])  # CRATE's sparse code is its ISTA output
         torch.testing.assert_close(f["ista_out"], tokens[i], atol=1e-5, rtol=0)
         torch.testing.assert_close(f["ista_out"], inter[i], atol=0, rtol=0)
         blk = golden_model.blocks[i]

@@ -483,12 +483,43 @@ def test_iter_images_passes_loader_options(tmp_path):
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions")
 def test_unreadable_file(tmp_path):
     import os
+    import tempfile
 
-    if os.geteuid() == 0:
-        pytest.skip("root reads any file")
-    Image.fromarray(_pattern(4, 4)).save(tmp_path / "locked.png")
-    (tmp_path / "locked.png").chmod(0)
-    _assert_refused(tmp_path / "locked.png", "cannot read")
+    if os.geteuid() != 0:
+        Image.fromarray(_pattern(4, 4)).save(tmp_path / "locked.png")
+        (tmp_path / "locked.png").chmod(0)
+        _assert_refused(tmp_path / "locked.png", "cannot read")
+        return
+    # Root reads any file: load it in a forked child that drops to the unprivileged user "nobody" first.
+    folder = Path(tempfile.mkdtemp(prefix="crate-vis-perm-"))
+    try:
+        folder.chmod(0o755)
+        locked = folder / "locked.png"
+        Image.fromarray(_pattern(4, 4)).save(locked)
+        locked.chmod(0)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: no exec, the loader is already imported
+            try:
+                os.close(read_end)
+                os.setuid(65534)
+                try:
+                    load_image(locked)
+                    message = "loaded"
+                except ImageLoadError as err:
+                    message = err.reason
+                os.write(write_end, message.encode())
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end) as fh:
+            message = fh.read()
+        os.waitpid(pid, 0)
+        assert "cannot read" in message, message
+    finally:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_real_photos_load(hymenoptera_root):

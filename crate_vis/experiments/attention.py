@@ -35,6 +35,9 @@ __all__ = ["ImageAttention", "image_attention", "AttentionConfig", "attention_fi
 
 log = logging.getLogger(__name__)
 
+#: Inputs with more tokens than this get a warning (attention costs grow with the square of the token count).
+LARGE_INPUT_TOKENS = 16384
+
 
 @dataclass
 class ImageAttention:
@@ -106,6 +109,9 @@ def image_attention(
     )
     x = prepared.tensor.unsqueeze(0).to(model_device(model))  # (1, 3, h, w)
     geom = token_geometry(model, prepared.input_hw)
+    if geom.num_tokens > LARGE_INPUT_TOKENS:
+        log.warning("a %dx%d px model input has %d tokens: attention over them is slow (pass a smaller --img-size)",
+                    prepared.input_hw[1], prepared.input_hw[0], geom.num_tokens)  # fmt: skip
     feats = None
     with AttentionRecorder(model, layers=[index], cls_only=True) as rec:
         if features:

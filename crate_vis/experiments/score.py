@@ -131,7 +131,8 @@ def score_predictions(pred: str | Path, gt: str | Path, config: ScoreConfig = Sc
         results_path = _results_path(pred)
         results = read_results(results_path)
         res = scoring.score_coco(dataset, results, types, class_agnostic=not config.class_aware,
-                                 id_to_file=_id_to_file(pred), allow_missing=config.allow_missing)  # fmt: skip
+                                 id_to_file=_id_to_file(pred), allow_missing=config.allow_missing,
+                                 source=str(results_path))  # fmt: skip
     elif config.protocol in ("jaccard", "miou"):
         seg = load_segment_output(pred) if is_segment_output(pred) else None
         masks = seg.masks if seg is not None else load_prediction_masks(pred)

@@ -146,9 +146,11 @@ def collect_inputs(
 
     Raises:
         DatasetError: a json that is not a COCO file, or one listing an image id twice.
-        FileNotFoundError: an input that does not exist (without ``report``).
+        FileNotFoundError: an input that does not exist or an empty folder, when there is no ``report`` to note it
+            in or nothing else to segment.
     """
     found: list[tuple[Path, Any, str]] = []
+    problems: list[tuple[Path, str]] = []  # reported once it is known whether anything is left to do
     for spec in inputs:
         p = Path(spec)
         if p.is_file() and p.suffix.lower() == ".json":
@@ -170,17 +172,18 @@ def collect_inputs(
         elif p.is_dir():
             files = list_images(p)
             if not files:
-                if report is None:
-                    raise FileNotFoundError(f"{p}: the folder holds no images")
-                report.add(p, "the folder holds no images")
+                problems.append((p, "the folder holds no images"))
             for q in files:
                 found.append((q, None, q.relative_to(p).as_posix()))
         elif p.exists():
             found.append((p, None, p.name))
-        elif report is not None:
-            report.add(p, "no such file or folder")
         else:
-            raise FileNotFoundError(f"{p}: no such file or folder")
+            problems.append((p, "no such file or folder"))
+    if problems and (report is None or not found):
+        raise FileNotFoundError("; ".join(f"{p}: {reason}" for p, reason in problems))
+    for p, reason in problems:
+        assert report is not None
+        report.add(p, reason)
     seen: set[str] = set()
     unique = []
     for path, image_id, file_name in found:
@@ -303,7 +306,7 @@ def segment_images(
     report = SkipReport(strict=config.strict)
     items = collect_inputs(inputs, config.image_root, report)
     if not items:
-        raise FileNotFoundError("no images found in the inputs" + (f" ({report.failures[0][1]})" if report.failures else ""))
+        raise FileNotFoundError("no images found in the inputs")
     device = next(model.parameters()).device
     patch = model_patch_size(model)
     size = config.size or model_input_size(model)

@@ -170,9 +170,9 @@ class CocoAP(Metric):
     def reset(self) -> None:
         self.detections: list[dict[str, Any]] = []
 
-    def update(self, results: Sequence[dict[str, Any]]) -> None:
+    def update(self, results: Sequence[dict[str, Any]], source: str = "results") -> None:
         """Add COCO result dicts (e.g. from :func:`~crate_vis.io.coco.masks_to_results`)."""
-        dets = _coco_validate_results(list(results), self.gt, self.iou_type, "results", self.class_agnostic)
+        dets = _coco_validate_results(list(results), self.gt, self.iou_type, source, self.class_agnostic)
         self.detections.extend(_coco_update(dets, self.class_agnostic))
 
     def update_masks(self, image_id: Any, masks: Any, scores: Any) -> None:

@@ -140,6 +140,7 @@ def score_coco(
     class_agnostic: bool = True,
     id_to_file: Mapping[Any, str] | None = None,
     allow_missing: bool = True,
+    source: str = "results",
 ) -> dict[str, Any]:
     """COCO AP for each ``iou_type`` (see :func:`~crate_vis.metrics.coco_ap.coco_ap`).
 
@@ -166,7 +167,7 @@ def score_coco(
             translated[pid] = match_key(gt, fname)
         for i, d in enumerate(dets):
             if d.get("image_id") not in translated:
-                raise DatasetError("results", f"[{i}]", f"image_id {d.get('image_id')!r} is not in the predictions' images.json")
+                raise DatasetError(f"{source}[{i}]", "", f"image_id {d.get('image_id')!r} is not in the predictions' images.json")
             d["image_id"] = translated[d["image_id"]]
         covered = set(translated.values())
         missing = [i for i in gt.image_ids if i not in covered]
@@ -181,7 +182,7 @@ def score_coco(
         if t == "segm" and not has_segm:
             raise UsageError("the results hold boxes only: score them with --iou-type bbox")
         metric = CocoAP(gt, iou_type=t, class_agnostic=class_agnostic)
-        metric.update(dets)
+        metric.update(dets, source=source)
         out[t] = metric.compute()
     return out
 
@@ -280,8 +281,7 @@ def score_miou(
             grid = (max(1, size[0] // patch_size), max(1, size[1] // patch_size))  # (rows, cols): height first
         extent = None if extents is None or key not in extents else tuple(extents[key])
         if p.shape[-2:] == size and grid is not None and grid != size:
-            geom = ImageGeometry.covering(size, grid, extent)
-            p = np.stack([geom.labels_to_grid(h.astype(np.int64)) for h in p]).astype(bool)
+            p = _masks_to_grid(p, ImageGeometry.covering(size, grid, extent))
         if p.shape[-2:] == size:
             resolutions.add("pixel")
             metric.update([p], [labels])
@@ -309,6 +309,20 @@ def score_miou(
         "class_names": names,
         "n_missing": len(missing),
     }
+
+
+def _masks_to_grid(masks: np.ndarray, geom: ImageGeometry) -> np.ndarray:
+    """Image-size masks ``(K, H, W)`` on a token grid, by the rule the ground truth's labels follow.
+
+    Disjoint masks (a partition, e.g. one mask per class) are brought down together as a label map, by the same
+    plurality vote as the labels, so a prediction equal to the ground truth stays equal to it; overlapping masks
+    (heads) one by one, each cell on where the mask covers more than half of it.
+    """
+    if masks.shape[0] > 1 and not (masks.sum(0) > 1).any():
+        labels = np.where(masks.any(0), masks.argmax(0) + 1, 0)  # 0: no mask
+        low = geom.labels_to_grid(labels, void=-1)
+        return np.stack([low == k + 1 for k in range(masks.shape[0])])
+    return np.stack([geom.mask_fraction(m) > 0.5 for m in masks])  # a tie goes to "off", as in the label vote
 
 
 def top_boxes_from_results(results: Sequence[Mapping[str, Any]], source: str = "results") -> dict[Any, list[float]]:

@@ -53,6 +53,22 @@ def _json_safe(value: Any) -> bool:
     )
 
 
+#: Constructor keywords that are sizes: each must be a positive integer (or a pair of them).
+_SIZE_KEYS = ("patch_size", "image_size", "img_size", "dim", "embed_dim", "depth", "heads", "num_heads", "dim_head",
+              "decoder_embed_dim", "decoder_depth", "decoder_num_heads")  # fmt: skip
+
+
+def _check_sizes(kwargs: Mapping[str, Any]) -> None:
+    """Refuse sizes that are not positive integers before any constructor divides by them."""
+    for key in _SIZE_KEYS:
+        if key not in kwargs or kwargs[key] is None:
+            continue
+        value = kwargs[key]
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+            raise UsageError(f"model size {key}={value!r}: must be a positive integer (or a pair of them)")
+
+
 def create_model(name: str, pretrained: bool | str | None = None, **overrides: Any) -> nn.Module:
     """Build a registered CRATE-family model, or a timm model for comparisons.
 
@@ -69,6 +85,7 @@ def create_model(name: str, pretrained: bool | str | None = None, **overrides: A
     Raises:
         KeyError: an unknown name (the message suggests close names).
     """
+    _check_sizes(overrides)
     if is_registered(name):
         family = model_family(name)
         size_key = "img_size" if family == "crate_mae" else "image_size"
@@ -251,6 +268,8 @@ def resolve_model(
     kwargs = {"num_classes": num_classes} if num_classes is not None else {}
     if spec is not None and model_name is None and not Path(spec).exists() and is_registered(str(spec)):
         spec, model_name = None, str(spec)
+    if model_name is not None and not is_registered(model_name) and spec is None and _is_manifest_name(model_name):
+        spec, model_name = model_name, None  # `-m crate_alpha_base_patch16_224.in1k`: weights named in the manifest
     if spec is None:
         if model_name is None:
             from .pretrained import default_weights
@@ -262,9 +281,13 @@ def resolve_model(
         return _finish(model, info, dev, with_info)
     p = Path(spec)
     if not p.exists():
-        from .pretrained import resolve_weights
+        from .pretrained import get_record, resolve_weights
 
         p = resolve_weights(str(spec), model_name=model_name)  # a manifest name or URL, or a clear error
+        if model_name is None and _is_manifest_name(str(spec)):
+            record = get_record(str(spec))  # the manifest says what the weights are
+            model_name = record.model
+            kwargs = {**{k: v for k, v in (record.config or {}).items() if k == "num_classes"}, **kwargs}
     if p.is_dir() and not (p / WEIGHTS_FILE).exists() and (p / "best" / WEIGHTS_FILE).exists():
         p = p / "best"  # a run folder
     if p.is_dir() or p.suffix == ".safetensors":
@@ -289,6 +312,12 @@ def resolve_model(
     model = create_model(model_name, **kwargs)
     load_checkpoint(model, obj, strict=True)
     return _finish(model, info, dev, with_info)
+
+
+def _is_manifest_name(name: str) -> bool:
+    from .pretrained import list_weights
+
+    return any(r.name == name for r in list_weights())
 
 
 def _finish(model: nn.Module, info: dict[str, Any], device: torch.device, with_info: bool) -> Any:
