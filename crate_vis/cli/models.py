@@ -70,11 +70,12 @@ def run_list_models(args: argparse.Namespace) -> int:
             shown += len(timm_names)
     records = [r for r in list_weights() if fnmatch.fnmatch(r.name, args.pattern) or fnmatch.fnmatch(r.model, args.pattern)]
     if records:
-        print("\nknown weights (use the name with -c/--checkpoint; status: where the file is, or where to put it):")
+        print("\nknown weights (use the name with -c/--checkpoint; below each: where the file is, or how to get it):")
         for record in records:
             acc = record.reported_accuracy or {}
             top1 = acc.get("top1", "-")
-            print(f"  {record.name:<40} {record.model:<30} top1={top1}  {weights_status(record)}")
+            print(f"  {record.name:<38} {record.model:<32} top1={top1}")
+            print(f"      {weights_status(record)}")
         shown += len(records)
     if not shown:
         print(f"no model or weights match {args.pattern!r}")

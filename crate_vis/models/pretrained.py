@@ -1,17 +1,28 @@
-"""Known checkpoints as data: the manifest in ``weights/manifest.json``, checksum checks and local resolution.
+"""Known checkpoints as data: the manifest in ``weights/manifest.json``, checksum checks and resolution to a file.
 
-Nothing is downloaded from a model hub. A weight resolves to a file by, in order: an existing local path; a manifest
-record whose file is in ``weights/`` or in the cache folder (``$CRATE_VIS_CACHE`` or ``~/.cache/crate-vis``); a URL
-(the record's, or one given directly) fetched once into the cache. Every file with a known sha256 is verified. When
-nothing works, the error says where to put the file.
+A weight resolves to a file by, in order: an existing local path; a manifest record whose file is in ``weights/`` or
+in the crate-vis cache folder (``$CRATE_VIS_CACHE`` or ``~/.cache/crate-vis``); for a record published on the Hugging
+Face Hub (``hf_repo`` + ``hf_filename``), the ``huggingface_hub`` cache (``$HF_HUB_CACHE``, ``$HF_HOME/hub`` or
+``~/.cache/huggingface/hub``), and, unless ``HF_HUB_OFFLINE`` is set, a download into that cache; for any other
+record, its URL (or one given directly) fetched once into the crate-vis cache. Every file with a known size or sha256
+is verified. When nothing works, the error says where to put the file (and, for Hub records, the command that
+downloads it).
+
+Example:
+    >>> from crate_vis.models.pretrained import get_record
+    >>> record = get_record("crate_alpha_base_patch16_224.in1k")
+    >>> record.model, record.hf_repo, record.hf_filename
+    ('crate_alpha_base_patch16_224', 'UCSC-VLAA/CRATE-alpha', 'torch/crate_alpha_B16.pth')
 """
 
 from __future__ import annotations
 
 import hashlib
 import http.client
+import importlib.metadata
 import json
 import os
+import re
 import shutil
 import urllib.error
 import urllib.parse
@@ -26,7 +37,8 @@ from ..io.atomic import atomic_write
 
 __all__ = [
     "WeightRecord", "ChecksumError", "WeightsNotFoundError", "WEIGHTS_DIR", "cache_dir", "list_weights",
-    "get_record", "resolve_weights", "sha256_file", "verify_sha256", "default_weights", "weights_status",
+    "get_record", "resolve_weights", "sha256_file", "verify_sha256", "verify_record", "default_weights",
+    "weights_status", "hf_cache_dir", "hf_offline", "hub_download_command",
 ]  # fmt: skip
 
 
@@ -58,16 +70,20 @@ class WeightRecord:
     """One known checkpoint.
 
     Attributes:
-        name: ``arch.tag`` key, e.g. ``crate_tiny_patch16_224.in1k``.
+        name: ``arch.tag`` key, e.g. ``crate_alpha_base_patch16_224.in1k``.
         model: registered model name the weights fit.
-        file: file name (or path relative to ``weights/``).
+        file: file name (or path relative to ``weights/``); its last component is the name in the crate-vis cache.
         url: download URL, if one is public and stable.
         source: where the weights are published.
         sha256: expected checksum, when known.
         license: licence terms.
         config: constructor overrides (``num_classes``...).
-        reported_accuracy: what the publisher reports.
+        reported_accuracy: what the publisher reports (``dataset``, ``top1``, ``reference``).
         layout: checkpoint layout in words.
+        size: file size in bytes, when known (checked before the sha256).
+        hf_repo: Hugging Face Hub repository (``ORG/NAME``) for weights published there.
+        hf_filename: path of the file inside ``hf_repo``.
+        hf_revision: branch, tag or commit of ``hf_repo``; ``None`` for ``main``.
     """
 
     name: str
@@ -80,6 +96,21 @@ class WeightRecord:
     config: dict[str, Any] = field(default_factory=dict)
     reported_accuracy: dict[str, Any] | None = None
     layout: str = ""
+    size: int | None = None
+    hf_repo: str | None = None
+    hf_filename: str | None = None
+    hf_revision: str | None = None
+
+    def __post_init__(self) -> None:
+        if bool(self.hf_repo) != bool(self.hf_filename):
+            raise ValueError(f"weights {self.name!r}: hf_repo and hf_filename go together")
+        if self.size is not None and (isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1):
+            raise ValueError(f"weights {self.name!r}: size must be a positive number of bytes, got {self.size!r}")
+
+    @property
+    def cache_name(self) -> str:
+        """The file's name in the crate-vis cache folder."""
+        return Path(self.file).name
 
 
 @lru_cache(maxsize=1)
@@ -131,6 +162,22 @@ def verify_sha256(path: str | os.PathLike[str], expected: str | None) -> None:
         )
 
 
+def verify_record(path: str | os.PathLike[str], record: WeightRecord) -> None:
+    """Check ``path`` against what ``record`` knows: its size (cheap, first), then its sha256.
+
+    Raises:
+        ChecksumError: the size or the checksum differs.
+    """
+    if record.size is not None:
+        actual = os.path.getsize(path)
+        if actual != record.size:
+            raise ChecksumError(
+                f"{path}: {actual:,} bytes, but the manifest's {record.name} has {record.size:,}; the file is "
+                "truncated or not the published one. Delete it and fetch it again."
+            )
+    verify_sha256(path, record.sha256)
+
+
 def _download(url: str, dest: Path, expected: str | None, timeout: float = 30.0) -> Path:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, atomic_write(dest, "wb") as fh:
@@ -167,11 +214,12 @@ def resolve_weights(spec: str, model_name: str | None = None) -> Path:
     local = Path(spec).expanduser()
     if local.exists():
         record = _record_for_file(local, model_name)
-        verify_sha256(local, record.sha256 if record else None)
+        if record is not None:
+            verify_record(local, record)
         return local
     if spec.startswith(("http://", "https://", "file://")):
         record = next((r for r in _manifest().values() if r.url == spec), None)
-        dest = cache_dir() / (Path(record.file).name if record else _cache_name(spec))
+        dest = cache_dir() / (record.cache_name if record else _cache_name(spec))
         if dest.exists():
             verify_sha256(dest, record.sha256 if record else None)
             return dest
@@ -180,16 +228,138 @@ def resolve_weights(spec: str, model_name: str | None = None) -> Path:
         record = get_record(spec)
     except KeyError:
         raise WeightsNotFoundError(f"{spec!r} is neither an existing file, a URL, nor a manifest name") from None
-    for candidate in (WEIGHTS_DIR / record.file, cache_dir() / Path(record.file).name):
+    for candidate in _local_candidates(record):
         if candidate.exists():
-            verify_sha256(candidate, record.sha256)
+            verify_record(candidate, record)
             return candidate
+    if record.hf_repo:
+        return _resolve_hub(record)
     if record.url:
-        return _download(record.url, cache_dir() / Path(record.file).name, record.sha256)
+        return _download(record.url, cache_dir() / record.cache_name, record.sha256)
     raise WeightsNotFoundError(
         f"weights {record.name!r} are not on disk and have no download URL. Get them from {record.source} and put "
-        f"the file at {cache_dir() / Path(record.file).name} (or pass its path with --checkpoint)."
+        f"the file at {cache_dir() / record.cache_name} (or pass its path with --checkpoint)."
     )
+
+
+def _local_candidates(record: WeightRecord) -> tuple[Path, Path]:
+    """Where a record's file may already be: the weights folder, then the crate-vis cache."""
+    return WEIGHTS_DIR / record.file, cache_dir() / record.cache_name
+
+
+# ------------------------------------------------------------------------------------------ Hugging Face Hub
+_TRUE = {"1", "ON", "YES", "TRUE"}
+
+
+def hf_offline() -> bool:
+    """Whether Hugging Face offline mode is on (``HF_HUB_OFFLINE``, read now, not at import)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in _TRUE:
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    return bool(constants.HF_HUB_OFFLINE) and "HF_HUB_OFFLINE" not in os.environ
+
+
+def hf_cache_dir() -> Path:
+    """The ``huggingface_hub`` cache folder, read from the environment now (``huggingface_hub`` reads it once, at
+    import): ``$HF_HUB_CACHE`` (or the older ``$HUGGINGFACE_HUB_CACHE``), else ``$HF_HOME/hub``, else the library's
+    default (``~/.cache/huggingface/hub``)."""
+    for key in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(key):
+            return Path(os.environ[key]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return Path.home() / ".cache" / "huggingface" / "hub"
+    return Path(constants.HF_HUB_CACHE)
+
+
+@lru_cache(maxsize=1)
+def _hub_cli() -> str:
+    """The download command the installed ``huggingface_hub`` provides: ``hf`` (0.34 and later; the only one from
+    1.0), else the older ``huggingface-cli``."""
+    try:
+        scripts = {ep.name for ep in importlib.metadata.distribution("huggingface_hub").entry_points}
+    except importlib.metadata.PackageNotFoundError:
+        return "hf"
+    return "huggingface-cli" if "huggingface-cli" in scripts and "hf" not in scripts else "hf"
+
+
+def hub_download_command(record: WeightRecord) -> str:
+    """The shell command that puts a Hub record's file into the Hugging Face cache."""
+    revision = f" --revision {record.hf_revision}" if record.hf_revision else ""
+    return f"{_hub_cli()} download {record.hf_repo} {record.hf_filename}{revision}"
+
+
+def _hub_hint(record: WeightRecord) -> str:
+    return (
+        f"Download it with `{hub_download_command(record)}` (into the Hugging Face cache, {hf_cache_dir()}), or put "
+        f"{record.cache_name} in {cache_dir()} (or pass its path with --checkpoint)."
+    )
+
+
+def _hub_cached(record: WeightRecord) -> Path | None:
+    """The record's file in the Hugging Face cache, without any network access; ``None`` when absent."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        found = try_to_load_from_cache(
+            str(record.hf_repo), str(record.hf_filename), cache_dir=hf_cache_dir(), revision=record.hf_revision
+        )
+    except (OSError, ValueError):  # an unreadable cache or an invalid repo id: not there
+        return None
+    return Path(found) if isinstance(found, str) and Path(found).is_file() else None
+
+
+def _resolve_hub(record: WeightRecord) -> Path:
+    """A Hub record's file through ``huggingface_hub``: its cache first, then (unless offline) a download into it."""
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise WeightsNotFoundError(
+            f"weights {record.name!r} are published on the Hugging Face Hub ({record.hf_repo}), and huggingface_hub "
+            f"is not installed: `pip install huggingface_hub` (or crate-vis[hub]), then "
+            f"`hf download {record.hf_repo} {record.hf_filename}`; or put {record.cache_name} in {cache_dir()}."
+        ) from None
+
+    def fetch(local_files_only: bool) -> str:
+        return str(hf_hub_download(str(record.hf_repo), str(record.hf_filename), revision=record.hf_revision,
+                                   cache_dir=hf_cache_dir(), local_files_only=local_files_only))  # fmt: skip
+
+    path: str | None
+    try:
+        path = fetch(local_files_only=True)
+    except (OSError, ValueError):  # LocalEntryNotFoundError is a FileNotFoundError
+        path = None
+    if path is None:
+        if hf_offline():
+            raise WeightsNotFoundError(
+                f"weights {record.name!r} ({record.hf_filename} of the Hugging Face Hub repo {record.hf_repo}) are not "
+                f"in the Hugging Face cache, and HF_HUB_OFFLINE is set, so nothing is downloaded. {_hub_hint(record)}"
+            )
+        try:
+            path = fetch(local_files_only=False)
+        except Exception as err:  # noqa: BLE001 - network, HTTP, auth and disk errors come in many types
+            detail = str(err).splitlines()[0] if str(err) else ""
+            raise WeightsNotFoundError(
+                f"could not download {record.hf_filename} from the Hugging Face Hub repo {record.hf_repo} "
+                f"({type(err).__name__}: {detail}); this machine may be offline. {_hub_hint(record)}"
+            ) from None
+    found = Path(path)
+    try:
+        verify_record(found, record)
+    except ChecksumError as err:
+        raise ChecksumError(
+            f"{err} (it is in the Hugging Face cache: remove it there, or run "
+            f"`{hub_download_command(record)} --force-download`)"
+        ) from None
+    return found
 
 
 def _cache_name(url: str) -> str:
@@ -204,7 +374,7 @@ def _record_for_file(path: Path, model_name: str | None) -> WeightRecord | None:
     resolved = path.resolve()
     for record in _manifest().values():
         if (WEIGHTS_DIR / record.file).resolve() == resolved or (
-            model_name == record.model and path.name == Path(record.file).name
+            model_name == record.model and path.name == record.cache_name
         ):
             return record
     return None
@@ -216,8 +386,23 @@ def default_weights() -> Path:
 
 
 def weights_status(record: WeightRecord) -> str:
-    """Where a record's file is, or where to put it (one line for ``crate-vis list-models``)."""
-    for candidate in (WEIGHTS_DIR / record.file, cache_dir() / Path(record.file).name):
+    """Where a record's file is, or where to put it (one line for ``crate-vis list-models``; no network access).
+
+    Example:
+        >>> from crate_vis.models.pretrained import get_record, weights_status
+        >>> weights_status(get_record("crate_test_patch8_32.golden")).startswith("on disk: ")
+        True
+    """
+    for candidate in _local_candidates(record):
         if candidate.exists():
             return f"on disk: {candidate}"
-    return f"absent: put {Path(record.file).name} in {cache_dir()}" + (f" (or it downloads from {record.url})" if record.url else "")
+    if record.hf_repo:
+        cached = _hub_cached(record)
+        if cached is not None:
+            return f"in the Hugging Face cache: {cached}"
+        return f"absent: `{hub_download_command(record)}` or put {record.cache_name} in {cache_dir()}"
+    if record.url:
+        return f"absent: put {record.cache_name} in {cache_dir()} (or it downloads from {record.url})"
+    published = re.search(r"https?://\S+", record.source)
+    where = f" (get it from {published.group(0)})" if published else ""
+    return f"absent: put {record.cache_name} in {cache_dir()}{where}"
