@@ -83,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Parse the options and segment (or merge shards)."""
     from ..errors import UsageError
-    from ..experiments.segment import SegmentRunConfig, merge_shards, parse_shard, segment_images
+    from ..experiments.segment import SegmentRunConfig, local_device, merge_shards, parse_shard, segment_images
     from ..segmentation.run import SegmentConfig, parse_heads
 
     if args.merge:
@@ -109,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         shard=parse_shard(args.shard) if args.shard else None, strict=args.strict, progress=args.progress,
         image_root=args.image_root,
     )  # fmt: skip
+    if args.device is None:
+        args.device = local_device()  # under torchrun: one device per local rank
     model = resolve_command_model(args)
     info = segment_images(args.inputs, model, args.out, config)
     report = info["report"]

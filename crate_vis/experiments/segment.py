@@ -56,7 +56,9 @@ from ..io.segment_output import (
 from ..models.geometry import model_input_size, model_patch_size
 from ..segmentation.run import SegmentConfig, segment_batch
 
-__all__ = ["SegmentRunConfig", "collect_inputs", "segment_images", "merge_shards", "weights_digest", "parse_shard"]
+__all__ = [
+    "SegmentRunConfig", "collect_inputs", "segment_images", "merge_shards", "weights_digest", "parse_shard", "local_device",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +269,14 @@ def _distributed() -> tuple[int, int, int] | None:
     """``(rank, world_size, local_rank)`` under torchrun, else ``None``."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    return None
+
+
+def local_device() -> str | None:
+    """Under torchrun with GPUs, ``cuda:<local rank>``; else ``None`` (the default device)."""
+    dist = _distributed()
+    if dist is not None and torch.cuda.is_available():
+        return f"cuda:{dist[2] % torch.cuda.device_count()}"
     return None
 
 

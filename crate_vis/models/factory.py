@@ -86,6 +86,8 @@ def create_model(name: str, pretrained: bool | str | None = None, **overrides: A
         KeyError: an unknown name (the message suggests close names).
     """
     _check_sizes(overrides)
+    if pretrained:
+        overrides = {**_record_config(name if pretrained is True else str(pretrained)), **overrides}
     if is_registered(name):
         family = model_family(name)
         size_key = "img_size" if family == "crate_mae" else "image_size"
@@ -312,6 +314,16 @@ def resolve_model(
     model = create_model(model_name, **kwargs)
     load_checkpoint(model, obj, strict=True)
     return _finish(model, info, dev, with_info)
+
+
+def _record_config(spec: str) -> dict[str, Any]:
+    """The constructor overrides a manifest record states for its weights (``num_classes`` of a 21K head, ...)."""
+    from .pretrained import get_record
+
+    try:
+        return {k: v for k, v in (get_record(spec).config or {}).items() if k == "num_classes"}
+    except KeyError:
+        return {}
 
 
 def _is_manifest_name(name: str) -> bool:
