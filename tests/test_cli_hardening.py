@@ -172,6 +172,10 @@ def test_manifest_names_work_as_model_or_checkpoint(capsys):
     assert json.loads(capsys.readouterr().out)["parameters"] == 52_618
     assert main(["info", "-c", "crate_test_patch8_32.golden", "--json"]) == 0
     capsys.readouterr()
+    from crate_vis.models import resolve_model
+
+    # project-format weights named in the manifest keep their own config (trained at 64 px, not the name's 96)
+    assert resolve_model("crate_mini_patch8_96.synthetic").image_size == (64, 64)
 
 
 def test_convert_takes_model_args_for_unregistered_sizes(tmp_path, capsys):

@@ -286,8 +286,9 @@ def resolve_model(
         from .pretrained import get_record, resolve_weights
 
         p = resolve_weights(str(spec), model_name=model_name)  # a manifest name or URL, or a clear error
-        if model_name is None and _is_manifest_name(str(spec)):
-            record = get_record(str(spec))  # the manifest says what the weights are
+        official = not (p.is_dir() or p.suffix == ".safetensors")  # project-format weights carry their config
+        if model_name is None and official and _is_manifest_name(str(spec)):
+            record = get_record(str(spec))  # the manifest says what the official weights are
             model_name = record.model
             kwargs = {**{k: v for k, v in (record.config or {}).items() if k == "num_classes"}, **kwargs}
     if p.is_dir() and not (p / WEIGHTS_FILE).exists() and (p / "best" / WEIGHTS_FILE).exists():
