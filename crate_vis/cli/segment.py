@@ -32,13 +32,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image files, folders (searched recursively) or a COCO annotation json")  # fmt: skip
     parser.add_argument("--out", "-o", required=True, help="output folder")
     add_model_args(parser)
-    parser.add_argument("--method", choices=("dino", "maskcut", "tokencut"), default="dino",
+    parser.add_argument("--method", choices=("dino", "maskcut", "tokencut"), default=None,
                         help="dino: thresholded CLS attention; maskcut: up to --max-masks normalized cuts of the "
-                             "layer's features; tokencut: one cut, the official TokenCut rule (default: dino)")  # fmt: skip
-    parser.add_argument("--layer", type=int, default=-1, help="layer whose attention/features are used (default -1)")
+                             "layer's features; tokencut: one cut, the official TokenCut rule (default: what the "
+                             "weights recommend, else dino)")  # fmt: skip
+    parser.add_argument("--layer", type=int, default=None,
+                        help="layer whose attention/features are used (default: what the weights recommend, else -1)")
     parser.add_argument("--img-size", type=int, default=None,
-                        help="short side of the model input in pixels, aspect ratio kept "
-                             "(default: the model's training size)")  # fmt: skip
+                        help="short side of the model input in pixels, aspect ratio kept (default: what the weights "
+                             "recommend, else the model's training size)")  # fmt: skip
     parser.add_argument("--square", action="store_true",
                         help="resize to --img-size x --img-size instead (MaskCut's fixed-size input, e.g. "
                              "--img-size 480); masks are still mapped back to each image's own size")  # fmt: skip
@@ -83,7 +85,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Parse the options and segment (or merge shards)."""
     from ..errors import UsageError
-    from ..experiments.segment import SegmentRunConfig, local_device, merge_shards, parse_shard, segment_images
+    from ..experiments.segment import (
+        SegmentRunConfig,
+        local_device,
+        merge_shards,
+        parse_shard,
+        recommended_settings,
+        segment_images,
+    )
     from ..segmentation.run import SegmentConfig, parse_heads
 
     if args.merge:
@@ -92,26 +101,30 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.inputs:
         raise UsageError("give images, folders or a COCO json to segment (or --merge OUT)")
+    if args.device is None:
+        args.device = local_device()  # under torchrun: one device per local rank
+    model = resolve_command_model(args)
+    recommended = recommended_settings(model)  # the weights' own segment settings, chosen when they were released
+    method = args.method or recommended.get("method", "dino")
     for attr, (flag, methods) in METHOD_OPTIONS.items():
         value = getattr(args, attr)
-        if value not in (None, False) and args.method not in methods:
-            raise UsageError(f"{flag} applies to --method {' / '.join(sorted(methods))}, not {args.method}")
+        if value not in (None, False) and method not in methods:
+            raise UsageError(f"{flag} applies to --method {' / '.join(sorted(methods))}, not {method}")
     segment = SegmentConfig(
-        method=args.method, layer=args.layer, mass=0.6 if args.mass is None else args.mass,
-        heads=parse_heads(args.heads), combine=args.combine or "mean", largest_component=args.largest_component,
-        tau=args.tau, max_masks=3 if args.max_masks is None else args.max_masks, solver=args.solver or "auto",
+        method=method, layer=args.layer if args.layer is not None else recommended.get("layer", -1),
+        mass=args.mass if args.mass is not None else recommended.get("mass", 0.6), heads=parse_heads(args.heads),
+        combine=args.combine or "mean", largest_component=args.largest_component, tau=args.tau,
+        max_masks=3 if args.max_masks is None else args.max_masks, solver=args.solver or "auto",
         cut_rules=args.cut_rules or "default",
     )  # fmt: skip
     config = SegmentRunConfig(
-        segment=segment, size=args.img_size, square=args.square, max_side=args.max_side, batch_size=args.batch_size,
-        workers=args.workers, cut_workers=args.cut_workers, overlay=None if args.no_overlay else args.overlay_format,
+        segment=segment, size=args.img_size or recommended.get("img_size"), square=args.square, max_side=args.max_side,
+        batch_size=args.batch_size, workers=args.workers, cut_workers=args.cut_workers,
+        overlay=None if args.no_overlay else args.overlay_format,
         mode="resume" if args.resume else "overwrite" if args.overwrite else "new",
         shard=parse_shard(args.shard) if args.shard else None, strict=args.strict, progress=args.progress,
         image_root=args.image_root,
     )  # fmt: skip
-    if args.device is None:
-        args.device = local_device()  # under torchrun: one device per local rank
-    model = resolve_command_model(args)
     info = segment_images(args.inputs, model, args.out, config)
     report = info["report"]
     print_report(report)
