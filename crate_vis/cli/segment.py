@@ -118,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
         cut_rules=args.cut_rules or "default",
     )  # fmt: skip
     config = SegmentRunConfig(
-        segment=segment, size=args.img_size or recommended.get("img_size"), square=args.square, max_side=args.max_side,
+        segment=segment, size=args.img_size if args.img_size is not None else recommended.get("img_size"),
+        square=args.square, max_side=args.max_side,
         batch_size=args.batch_size, workers=args.workers, cut_workers=args.cut_workers,
         overlay=None if args.no_overlay else args.overlay_format,
         mode="resume" if args.resume else "overwrite" if args.overwrite else "new",
