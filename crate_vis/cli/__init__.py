@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "attention": ("attention", "per-head CLS attention overlays and thresholded masks per image"),
     "heads": ("heads", "the head-wise part figure: images x heads, with a part map and consistency scores"),
     "emergence": ("emergence", "train CRATE and a matched ViT on synthetic data and score emergent segmentation"),
+    "reconstruct": ("reconstruct", "masked reconstructions by a CRATE-MAE: input, masked, reconstructed, PSNR"),
 }
 
 

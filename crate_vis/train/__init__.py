@@ -1,4 +1,5 @@
-"""Training and evaluation of CRATE and timm ViTs: recipes, resumable checkpoints, DDP, metrics and plots.
+"""Training and evaluation of CRATE and timm ViTs, and masked-autoencoding pre-training of CRATE-MAE: recipes,
+resumable checkpoints, DDP, metrics and plots.
 
     >>> from crate_vis.train import resolve_config, train
     >>> cfg = resolve_config("small_data_cpu", data="hymenoptera_data", out="runs/ants")  # doctest: +SKIP
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from .config import TrainConfig, config_to_dict, list_recipes, load_recipe, resolve_config
 from .engine import (
+    MAE_METRIC_COLUMNS,
     METRIC_COLUMNS,
     NonFiniteLossError,
     Trainer,
@@ -19,9 +21,10 @@ from .engine import (
     train,
 )  # fmt: skip
 from .evaluation import EvalResult, evaluate_model, write_eval_report
+from .mae import mask_noise, resolve_objective
 
 __all__ = [
-    "METRIC_COLUMNS", "EvalResult", "NonFiniteLossError", "TrainConfig", "TrainResult", "Trainer", "build_model",
-    "clip_gradients", "config_to_dict", "evaluate_model", "list_recipes", "load_recipe",
-    "resolve_config", "topk_correct", "train", "write_eval_report",
+    "MAE_METRIC_COLUMNS", "METRIC_COLUMNS", "EvalResult", "NonFiniteLossError", "TrainConfig", "TrainResult",
+    "Trainer", "build_model", "clip_gradients", "config_to_dict", "evaluate_model", "list_recipes", "load_recipe",
+    "mask_noise", "resolve_config", "resolve_objective", "topk_correct", "train", "write_eval_report",
 ]  # fmt: skip

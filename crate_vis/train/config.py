@@ -29,13 +29,21 @@ class TrainConfig:
     Attributes:
         data: ImageFolder root (``train/``, ``val/`` class folders), CIFAR python folder, or ``"synthetic"``.
         model: registered CRATE name or timm model name.
-        model_kwargs: extra constructor keywords (e.g. ``{"embed_dim": 192, "depth": 6}`` for a timm ViT).
+        model_kwargs: extra constructor keywords (e.g. ``{"embed_dim": 192, "depth": 6}`` for a timm ViT,
+            ``{"norm_pix_loss": true}`` for CRATE-MAE).
+        objective: ``classification`` (cross-entropy on the labels) or ``mae`` (masked autoencoding of unlabelled
+            images, :mod:`crate_vis.train.mae`); ``None`` chooses from the model: ``mae`` for a CRATE-MAE model
+            (``crate_mae_*``), ``classification`` for every other.
+        mask_ratio: share of patches removed per image when ``objective`` is ``mae``.
         out: run folder (checkpoints, metrics, plots, config).
         epochs: epochs in the schedule.
         batch_size: global batch size, split evenly over the processes of a distributed run.
         img_size: square training resolution in pixels.
         optimizer: timm optimizer name (``lion``, ``adamw``, ``sgd``, ...).
         lr: peak learning rate (after warm-up).
+        blr: base learning rate per 256 images: when set, ``lr = blr * batch_size / 256`` (the linear scaling
+            rule of the MAE codebase), so the recipe's rate follows ``batch_size``. An ``lr`` given as an override
+            (``--lr``) wins over a recipe's ``blr``.
         weight_decay: decoupled weight decay.
         weight_decay_filter: exempt biases, norm weights and 1-d parameters (and a timm model's
             ``no_weight_decay()`` names) from weight decay, as timm does; ``False`` decays every parameter, as the
@@ -97,12 +105,15 @@ class TrainConfig:
     data: str = ""
     model: str = "crate_mini_patch8_96"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    objective: str | None = None
+    mask_ratio: float = 0.75
     out: str = "runs/train"
     epochs: int = 10
     batch_size: int = 64
     img_size: int = 96
     optimizer: str = "adamw"
     lr: float = 1e-3
+    blr: float | None = None
     weight_decay: float = 0.05
     weight_decay_filter: bool = True
     betas: list[float] | None = None
@@ -153,6 +164,8 @@ class TrainConfig:
     recipe: str | None = None
 
     def __post_init__(self) -> None:
+        if self.blr is not None and isinstance(self.blr, (int, float)) and self.blr > 0:
+            self.lr = self.blr * self.batch_size / 256  # the MAE codebase's linear scaling rule
         self.validate()
 
     def validate(self) -> None:
@@ -162,6 +175,10 @@ class TrainConfig:
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.img_size >= 1, "img_size must be >= 1"),
             (self.lr > 0, "lr must be > 0"),
+            (self.blr is None or self.blr > 0, f"blr must be > 0, got {self.blr}"),
+            (self.objective in (None, "classification", "mae"),
+             f"objective must be 'classification' or 'mae' (or null: chosen from the model), got {self.objective!r}"),
+            (0 < self.mask_ratio < 1, f"mask_ratio must be in (0, 1), got {self.mask_ratio}"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (self.scheduler in {"cosine", "constant"}, "scheduler must be 'cosine' or 'constant'"),
             (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
@@ -269,6 +286,9 @@ def resolve_config(
 ) -> TrainConfig:
     """Defaults < recipe < overrides; ``None`` overrides are ignored (flags that were not given).
 
+    A recipe's ``blr`` sets ``lr`` from ``batch_size`` (:class:`TrainConfig`); an ``lr`` among the overrides
+    replaces that rule.
+
     Args:
         recipe: shipped recipe name, YAML path, an already-loaded mapping, or ``None``.
         **overrides: config values that win over the recipe.
@@ -285,6 +305,8 @@ def resolve_config(
         values.setdefault("recipe", str(recipe))
     given = {k: v for k, v in overrides.items() if v is not None}
     check_keys(given, "config override")
+    if "lr" in given and "blr" not in given:
+        values.pop("blr", None)  # an explicit learning rate wins over a recipe's base rate
     values.update(given)
     values = {k: _coerce(k, v) for k, v in values.items()}
     try:

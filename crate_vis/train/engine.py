@@ -1,13 +1,18 @@
 """The training loop: one :class:`Trainer` for CRATE and timm ViTs, alone or under ``torchrun``.
 
+Two objectives: classification (cross-entropy on labelled images) and masked autoencoding for CRATE-MAE models
+(the model's masked-pixel loss on unlabelled images; :mod:`crate_vis.train.mae` says when it applies, what data it
+reads and how its masks are drawn). Both share everything below.
+
 What it guarantees:
 
 * the learning-rate schedule (linear warm-up, then cosine) is stepped every iteration;
 * gradient clipping, when configured, is applied to the gradients the optimizer uses;
 * ``--resume`` restores model, optimizer, scheduler, gradient scaler, EMA, epoch, step and RNG states; the
   shuffling order depends only on ``(seed, epoch)`` and each sample's augmentation only on ``(seed, epoch, index)``
-  (:mod:`crate_vis.train.data`), so on CPU a run stopped between epochs and resumed ends with bit-identical weights
-  to an uninterrupted one, and runs with different numbers of DataLoader workers end with identical weights;
+  (:mod:`crate_vis.train.data`), and so does each image's masking noise for masked autoencoding, so on CPU a run
+  stopped between epochs and resumed ends with bit-identical weights to an uninterrupted one, and runs with
+  different numbers of DataLoader workers end with identical weights;
 * one run at a time per run folder: ``RUN_DIR/run.lock`` (:mod:`crate_vis.train.runlock`) makes a second run stop
   with the pid of the first; a lock left by a killed run is reclaimed;
 * a non-finite loss stops the run with :class:`NonFiniteLossError` before any bad weights are saved, so the last
@@ -36,7 +41,7 @@ import yaml
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..errors import CrateVisError, RunFolderError
+from ..errors import CrateVisError, RunFolderError, UsageError
 from ..io.atomic import atomic_write
 from .checkpointing import (
     capture_rng_state,
@@ -55,11 +60,12 @@ from .distributed import (
     cleanup_distributed,
     setup_distributed,
 )  # fmt: skip
+from .mae import MaskedSamples, build_unlabelled_datasets, resolve_objective
 from .runlock import RunLock
 
 __all__ = [
-    "METRIC_COLUMNS", "NonFiniteLossError", "TrainResult", "Trainer", "build_model", "clip_gradients",
-    "topk_correct", "train",
+    "MAE_METRIC_COLUMNS", "METRIC_COLUMNS", "NonFiniteLossError", "TrainResult", "Trainer", "build_model",
+    "clip_gradients", "topk_correct", "train",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -68,6 +74,10 @@ log = logging.getLogger(__name__)
 METRIC_COLUMNS = (
     "epoch", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "lr", "images_per_s", "seconds",
 )  # fmt: skip
+
+#: Columns of ``metrics.csv`` for masked autoencoding: the losses are mean squared errors over the removed patches
+#: (of the normalised pixels, or of each patch standardised with ``norm_pix_loss``).
+MAE_METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "lr", "images_per_s", "seconds")
 
 
 #: Config values that define the learning-rate schedule.
@@ -86,12 +96,14 @@ class TrainResult:
         run_dir: the run folder.
         epochs_completed: epochs trained in total (including those before a resume).
         steps: optimizer steps in total.
-        best_metric: best validation top-1 (%), or ``None`` without validation.
-        best_epoch: epoch of ``best_metric``.
+        best_metric: best validation top-1 (%), or ``None`` without validation or for masked autoencoding.
+        best_epoch: epoch of the weights in ``best/``.
         history: the per-epoch metric rows (as in ``metrics.csv``).
         model: the trained model (final weights, unwrapped, on the training device).
         skipped_images: ``(path, reason)`` of unreadable images that were skipped.
-        classes: class names in label order.
+        classes: class names in label order (empty for masked autoencoding).
+        objective: ``classification`` or ``mae``.
+        best_val_loss: lowest validation loss of masked autoencoding (the loss of ``best/``), or ``None``.
     """
 
     run_dir: Path
@@ -103,6 +115,8 @@ class TrainResult:
     model: nn.Module
     skipped_images: list[tuple[str, str]] = field(default_factory=list)
     classes: list[str] = field(default_factory=list)
+    objective: str = "classification"
+    best_val_loss: float | None = None
 
     @property
     def final(self) -> dict[str, Any]:
@@ -130,11 +144,15 @@ def clip_gradients(parameters: Any, max_norm: float) -> torch.Tensor:
     return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
 
 
-def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+def build_model(cfg: TrainConfig, num_classes: int | None) -> nn.Module:
     """The model of ``cfg`` with ``num_classes`` outputs at ``cfg.img_size`` (random weights).
 
     :func:`crate_vis.create_model` records a timm model's extra keywords, so exported weights rebuild the same
     architecture with :func:`crate_vis.load_model`.
+
+    Args:
+        cfg: the run's config.
+        num_classes: classifier outputs; ``None`` for a model without a classifier (CRATE-MAE).
     """
     from ..models import create_model
 
@@ -142,8 +160,11 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     for key in ("num_classes", "img_size", "image_size"):
         if key in kwargs:
             raise ValueError(f"model_kwargs must not set {key!r}: it comes from the data and img_size")
+    sizes: dict[str, Any] = {"img_size": cfg.img_size}
+    if num_classes is not None:
+        sizes["num_classes"] = num_classes
     try:
-        model = create_model(cfg.model, num_classes=num_classes, img_size=cfg.img_size, **kwargs)
+        model = create_model(cfg.model, **sizes, **kwargs)
     except KeyError as err:
         raise ValueError(err.args[0] if err.args else str(err)) from None
     except TypeError as err:
@@ -198,11 +219,16 @@ class Trainer:
         if cfg.amp == "fp16" and self.device.type != "cuda":
             raise ValueError("amp 'fp16' needs a GPU; use 'bf16' on CPU")
         self._check_run_dir()
+        self.objective = resolve_objective(cfg)
+        self.mae = self.objective == "mae"
+        if self.mae and cfg.objective is None and self.is_main:
+            log.info("%s is a CRATE-MAE model: training by masked autoencoding (objective mae, mask ratio %g); "
+                     "the data's labels, if any, are not used", cfg.model, cfg.mask_ratio)  # fmt: skip
 
         self.data = self._datasets(train_dataset, val_dataset)
         self.classes = self.data.classes
         seed_everything(cfg.seed)  # identical initial weights on every rank
-        self.model = build_model(cfg, len(self.classes)).to(self.device)
+        self.model = build_model(cfg, None if self.mae else len(self.classes)).to(self.device)
         if cfg.pretrained and not cfg.resume:
             self._load_pretrained(cfg.pretrained)
         elif cfg.pretrained:
@@ -216,7 +242,9 @@ class Trainer:
             ddp = nn.parallel.DistributedDataParallel
             no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
                        else {"broadcast_buffers": False})  # fmt: skip
-            self.train_model = ddp(self.model, device_ids=ids, **no_sync)
+            # CRATE-MAE's decoder_embed is never applied (see crate_vis.models.crate_mae), so its parameters get no
+            # gradient; DDP must be told, as the MAE codebase's main_pretrain.py does.
+            self.train_model = ddp(self.model, device_ids=ids, find_unused_parameters=self.mae, **no_sync)
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
 
@@ -227,12 +255,18 @@ class Trainer:
             raise ValueError(f"mixup/cutmix need an even batch per process, got {self.local_batch}")
         pin = self.device.type == "cuda"
         # each sample's augmentation is seeded by (seed, epoch, index): the same in any worker and after a resume
-        self.train_loader = make_loader(SeededSamples(self.data.train, cfg.seed), self.local_batch, self.train_sampler,
-                                        cfg.workers, drop_last, pin, seed=cfg.seed)  # fmt: skip
+        train_data: Dataset = SeededSamples(self.data.train, cfg.seed)
+        val_data: Any = self.data.val
+        if self.mae:  # batches of (images, masking noise (B, L)) instead of (images, labels)
+            patches = self._mae_patches()
+            train_data = MaskedSamples(train_data, cfg.seed, patches, keyed=True)
+            val_data = MaskedSamples(val_data, cfg.seed, patches) if val_data is not None else None
+        self.train_loader = make_loader(train_data, self.local_batch, self.train_sampler, cfg.workers, drop_last, pin,
+                                        seed=cfg.seed)  # fmt: skip
         self.val_loader = None
-        if self.data.val is not None:
-            vs = ShardSampler(len(self.data.val), self.dist.rank, self.dist.world_size)
-            self.val_loader = make_loader(self.data.val, self.local_batch, vs, cfg.workers, False, pin, seed=cfg.seed)
+        if val_data is not None:
+            vs = ShardSampler(len(val_data), self.dist.rank, self.dist.world_size)
+            self.val_loader = make_loader(val_data, self.local_batch, vs, cfg.workers, False, pin, seed=cfg.seed)
         n = self.train_sampler.per_rank
         self.steps_per_epoch = n // self.local_batch if drop_last else math.ceil(n / self.local_batch)
         if self.steps_per_epoch < 1:
@@ -310,11 +344,28 @@ class Trainer:
 
     def _datasets(self, train_dataset: Dataset | None, val_dataset: Dataset | None) -> DataBundle:
         if train_dataset is None:
-            return build_datasets(self.cfg)
+            return build_unlabelled_datasets(self.cfg) if self.mae else build_datasets(self.cfg)
+        if self.mae:  # images (or (image, anything) pairs); no classes
+            return DataBundle(train=train_dataset, val=val_dataset, classes=[], source="custom")
         classes = getattr(train_dataset, "classes", None)
         if not classes:
             raise ValueError("a train_dataset passed to train() needs a 'classes' attribute (class names)")
         return DataBundle(train=train_dataset, val=val_dataset, classes=list(classes), source="custom")
+
+    def _mae_patches(self) -> int:
+        """Patches per training image ``L``; refuses a mask ratio that removes no patch or keeps none."""
+        from ..models.crate_mae import CRATEMAE
+
+        assert isinstance(self.model, CRATEMAE)  # resolve_objective admits CRATE-MAE models only
+        gh, gw = self.model.grid_size
+        length = gh * gw
+        keep = int(length * (1 - self.cfg.mask_ratio))  # as CRATEMAE.masking counts them
+        if not 0 < keep < length:
+            raise UsageError(
+                f"mask_ratio {self.cfg.mask_ratio} keeps {keep} of the {length} patches of a {self.cfg.img_size} px "
+                "image: at least one patch must be kept and one removed"
+            )
+        return length
 
     def _load_pretrained(self, path: str) -> None:
         from ..models.checkpoint import load_checkpoint
@@ -366,6 +417,9 @@ class Trainer:
                     f"{self.last_path} was trained with {key}={saved[key]!r}, but this run asks for "
                     f"{getattr(self.cfg, key)!r}; resume with the same {key} or start a new --out"
                 )
+        if self.mae and saved.get("mask_ratio", self.cfg.mask_ratio) != self.cfg.mask_ratio:
+            log.warning("mask_ratio changed since the checkpoint (%s -> %s): the epochs from here on mask differently",
+                        saved["mask_ratio"], self.cfg.mask_ratio)  # fmt: skip
         if list(state.get("classes", self.classes)) != self.classes:
             raise ValueError(f"{self.last_path} was trained on classes {state['classes']}, the data has {self.classes}")
         self.model.load_state_dict(state["model"])
@@ -422,7 +476,7 @@ class Trainer:
                 if self.is_main:
                     log.warning("skipped unreadable image %s: %s", path, reason)
 
-    def train_one_epoch(self) -> dict[str, float]:
+    def train_one_epoch(self) -> dict[str, Any]:
         """Train the epoch ``self.epoch`` (from ``self.batch_in_epoch`` on); returns the epoch's training stats.
 
         Raises:
@@ -448,8 +502,9 @@ class Trainer:
                 labels = labels.to(self.device, non_blocking=True)
                 loss, logits, labels = self._train_step(images, labels, criterion)
                 with torch.no_grad():
-                    b = labels.shape[0]
-                    sums += torch.tensor([loss * b, float((logits.argmax(1) == labels).sum()), b], dtype=torch.float64)
+                    b = labels.shape[0]  # labels: (B,), or the masking noise (B, L) of masked autoencoding
+                    correct = 0.0 if logits is None else float((logits.argmax(1) == labels).sum())
+                    sums += torch.tensor([loss * b, correct, b], dtype=torch.float64)
                 bar.update(1)
                 elapsed = time.perf_counter() - t0
                 bar.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", lr=f"{self.current_lr():.2e}",
@@ -459,10 +514,12 @@ class Trainer:
         seconds = time.perf_counter() - t0
         sums = all_reduce_sum(sums.to(self.device), self.dist).cpu()
         n = max(float(sums[2]), 1.0)
-        return {"train_loss": float(sums[0]) / n, "train_acc": 100.0 * float(sums[1]) / n,
+        return {"train_loss": float(sums[0]) / n, "train_acc": None if self.mae else 100.0 * float(sums[1]) / n,
                 "images_per_s": float(sums[2]) / max(seconds, 1e-9), "train_seconds": seconds}  # fmt: skip
 
-    def _criterion(self) -> nn.Module:
+    def _criterion(self) -> nn.Module | None:
+        if self.mae:
+            return None  # the model computes its own loss
         if self.mixup is not None:
             from timm.loss import SoftTargetCrossEntropy
 
@@ -470,22 +527,32 @@ class Trainer:
         return nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing)
 
     def _train_step(
-        self, images: torch.Tensor, labels: torch.Tensor, criterion: nn.Module
-    ) -> tuple[float, torch.Tensor, torch.Tensor]:
+        self, images: torch.Tensor, labels: torch.Tensor, criterion: nn.Module | None
+    ) -> tuple[float, torch.Tensor | None, torch.Tensor]:
         """Forward, non-finite check, backward, clipping, optimizer / scheduler / EMA step.
 
+        Args:
+            images: ``(B, C, H, W)``.
+            labels: ``(B,)`` labels, or for masked autoencoding the masking noise ``(B, L)``.
+            criterion: the classification loss (``None`` for masked autoencoding).
+
         Returns:
-            ``(loss, logits (B, C), labels (B,))``; ``B`` is one less than the input when mixup had to drop an odd
-            sample.
+            ``(loss, logits (B, C), labels (B,))``, logits ``None`` for masked autoencoding; ``B`` is one less than
+            the input when mixup had to drop an odd sample.
         """
         targets: torch.Tensor = labels
         if self.mixup is not None:
             if images.shape[0] % 2:  # an unreadable image made the batch odd; mixup pairs samples up
                 images, labels = images[:-1], labels[:-1]
             images, targets = self.mixup(images, labels)  # targets: (B, C) soft labels
+        logits: torch.Tensor | None = None
         with self._autocast():
-            logits = self.train_model(images)  # (B, C)
-            loss = criterion(logits.float(), targets)
+            if self.mae:  # the model's loss over the removed patches; targets: the masking noise (B, L)
+                loss = self.train_model(images, self.cfg.mask_ratio, targets)[0].float()
+            else:
+                assert criterion is not None
+                logits = self.train_model(images)  # (B, C)
+                loss = criterion(logits.float(), targets)
         bad = torch.tensor([float(not torch.isfinite(loss))], device=self.device)
         if all_reduce_max(bad, self.dist).item() > 0:
             local = bool(torch.isfinite(loss))
@@ -510,7 +577,7 @@ class Trainer:
         self.scheduler.step_update(num_updates=self.step)
         if self.ema is not None:
             self.ema.update(self.model, step=self.step)
-        return float(loss.detach()), logits.detach(), labels
+        return float(loss.detach()), None if logits is None else logits.detach(), labels
 
     def _non_finite(self, what: str, where: str | None = None) -> None:
         keep = (f"the last good checkpoint is kept: {self.last_path} ({self.saved_at})" if self.saved_at
@@ -541,7 +608,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
     def validate(self, model: nn.Module | None = None) -> dict[str, float]:
-        """Validation loss, top-1 and top-5 (%) over the whole validation set (exact across processes)."""
+        """Validation loss, top-1 and top-5 (%) over the whole validation set (exact across processes).
+
+        For masked autoencoding: the masked-pixel loss only, each image masked as in every epoch.
+        """
         if self.val_loader is None:
             return {}
         model = model if model is not None else self.model
@@ -554,14 +624,22 @@ class Trainer:
             if images.numel() == 0:
                 continue
             images, labels = images.to(self.device), labels.to(self.device)
+            b = labels.shape[0]
+            if self.mae:  # labels: the masking noise (B, L); every image has the same number of removed patches
+                with self._autocast():
+                    loss = model(images, self.cfg.mask_ratio, labels)[0].float()
+                sums += torch.tensor([float(loss) * b, 0, 0, b], dtype=torch.float64)
+                continue
             with self._autocast():
                 logits = model(images).float()  # (B, C)
             loss = F.cross_entropy(logits, labels, reduction="sum")
             c1, c5 = topk_correct(logits, labels, (1, k5))
-            sums += torch.tensor([float(loss), c1, c5, labels.shape[0]], dtype=torch.float64)
+            sums += torch.tensor([float(loss), c1, c5, b], dtype=torch.float64)
         model.train(was_training)
         sums = all_reduce_sum(sums.to(self.device), self.dist).cpu()
         n = max(float(sums[3]), 1.0)
+        if self.mae:
+            return {"val_loss": float(sums[0]) / n}
         return {"val_loss": float(sums[0]) / n, "val_top1": 100 * float(sums[1]) / n, "val_top5": 100 * float(sums[2]) / n}
 
     # ----------------------------------------------------------------------------------------------- saving
@@ -586,8 +664,12 @@ class Trainer:
         from ..models.checkpoint import save_model
 
         model = self._export_model()
-        meta = {"classes": self.classes, "epoch": self.epoch, "img_size": self.cfg.img_size,
-                "val_top1": row.get("val_top1"), "data": self.cfg.data, "ema": self.ema is not None}  # fmt: skip
+        meta: dict[str, Any] = {"classes": self.classes, "epoch": self.epoch, "img_size": self.cfg.img_size,
+                                "val_top1": row.get("val_top1"), "data": self.cfg.data, "ema": self.ema is not None}
+        if self.mae:
+            meta = {"objective": "mae", "mask_ratio": self.cfg.mask_ratio, "epoch": self.epoch,
+                    "img_size": self.cfg.img_size, "val_loss": row.get("val_loss"), "train_loss": row.get("train_loss"),
+                    "data": self.cfg.data, "ema": self.ema is not None}  # fmt: skip
         save_training_state(self.run_dir / "best.pt", {
             "model": model.state_dict(), "epoch": self.epoch, "step": self.step, "metrics": row,
             "config": config_to_dict(self.cfg), "classes": self.classes,
@@ -602,12 +684,18 @@ class Trainer:
     def _reporting_disk_full(self, path: Path) -> contextlib.AbstractContextManager[None]:
         return reporting_disk_full(path, then=self._next_step())
 
+    @property
+    def metric_columns(self) -> tuple[str, ...]:
+        """The columns of ``metrics.csv`` for this run's objective."""
+        return MAE_METRIC_COLUMNS if self.mae else METRIC_COLUMNS
+
     def _write_metrics(self) -> None:
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(METRIC_COLUMNS), extrasaction="ignore", lineterminator="\n")
+        columns = self.metric_columns
+        writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         for row in self.history:
-            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in METRIC_COLUMNS})
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
         with self._reporting_disk_full(self.run_dir / "metrics.csv"):
             with atomic_write(self.run_dir / "metrics.csv", "w", newline="") as fh:
                 fh.write(buf.getvalue())
@@ -619,13 +707,19 @@ class Trainer:
 
     def _log_epoch(self, row: dict[str, Any]) -> None:
         val = ""
-        if row.get("val_top1") is not None:
-            val = f" | val loss {row['val_loss']:.4f} top1 {row['val_top1']:.2f}% top5 {row['val_top5']:.2f}%"
-        log.info("epoch %d/%d: train loss %.4f acc %.2f%%%s | lr %.3g | %.1f img/s | %.1f s", row["epoch"],
-                 self.cfg.epochs, row["train_loss"], row["train_acc"], val, row["lr"], row["images_per_s"],
-                 row["seconds"])  # fmt: skip
+        if self.mae:
+            if row.get("val_loss") is not None:
+                val = f" | val masked-pixel loss {row['val_loss']:.4f}"
+            log.info("epoch %d/%d: train masked-pixel loss %.4f%s | lr %.3g | %.1f img/s | %.1f s", row["epoch"],
+                     self.cfg.epochs, row["train_loss"], val, row["lr"], row["images_per_s"], row["seconds"])  # fmt: skip
+        else:
+            if row.get("val_top1") is not None:
+                val = f" | val loss {row['val_loss']:.4f} top1 {row['val_top1']:.2f}% top5 {row['val_top5']:.2f}%"
+            log.info("epoch %d/%d: train loss %.4f acc %.2f%%%s | lr %.3g | %.1f img/s | %.1f s", row["epoch"],
+                     self.cfg.epochs, row["train_loss"], row["train_acc"], val, row["lr"], row["images_per_s"],
+                     row["seconds"])  # fmt: skip
         if self.writer is not None:
-            for key in METRIC_COLUMNS[1:]:
+            for key in self.metric_columns[1:]:
                 if row.get(key) is not None:
                     self.writer.add_scalar(key, row[key], row["epoch"])
             self.writer.flush()
@@ -652,9 +746,11 @@ class Trainer:
 
                 self.writer = SummaryWriter(log_dir=str(self.run_dir / "tb"))
             n_params = sum(p.numel() for p in self.model.parameters())
-            log.info("training %s (%.2fM parameters) on %s: %d train / %s val images, %d classes, %d steps of %d "
+            task = (f"masked autoencoding, mask ratio {cfg.mask_ratio:g}" if self.mae
+                    else f"{len(self.classes)} classes")  # fmt: skip
+            log.info("training %s (%.2fM parameters) on %s: %d train / %s val images, %s, %d steps of %d "
                      "images on %d process(es), device %s", cfg.model, n_params / 1e6, cfg.data or self.data.source,
-                     len(self.data.train), len(self.data.val) if self.data.val is not None else 0, len(self.classes),
+                     len(self.data.train), len(self.data.val) if self.data.val is not None else 0, task,
                      self.total_steps, cfg.batch_size, self.dist.world_size, self.device)  # fmt: skip
         try:
             while self.epoch < cfg.epochs and self.step < self.total_steps:
@@ -671,7 +767,13 @@ class Trainer:
                                        **stats, **val, "seconds": time.perf_counter() - t0}  # fmt: skip
                 self.history = [r for r in self.history if r["epoch"] < row["epoch"]] + [row]
                 improved = False
-                if val:
+                if self.mae:
+                    # the lowest validation loss (stored negated: higher is better); without validation, the last epoch
+                    if val and (self.best_metric is None or -val["val_loss"] > self.best_metric):
+                        self.best_metric, self.best_epoch, improved = -val["val_loss"], row["epoch"], True
+                    elif self.val_loader is None:
+                        self.best_epoch, improved = row["epoch"], True
+                elif val:
                     if self.best_metric is None or val["val_top1"] > self.best_metric:
                         self.best_metric, self.best_epoch, improved = val["val_top1"], row["epoch"], True
                 elif self.val_loader is None and (self.best_metric is None or -stats["train_loss"] > self.best_metric):
@@ -691,7 +793,11 @@ class Trainer:
 
                     curves = self.run_dir / "curves.png"
                     with self._reporting_disk_full(curves):
-                        plot_curves(self.history, curves, title=cfg.model, num_classes=len(self.classes))
+                        if self.mae:
+                            plot_curves(self.history, curves, title=f"{cfg.model}, mask ratio {cfg.mask_ratio:g}",
+                                        loss_label="masked-pixel MSE", accuracy=False)  # fmt: skip
+                        else:
+                            plot_curves(self.history, curves, title=cfg.model, num_classes=len(self.classes))
                 self.saved_at = f"epoch {row['epoch']}" + ("" if finished else f", step {self.step}")
                 if stopping:
                     if not last and self.is_main:
@@ -704,11 +810,13 @@ class Trainer:
             log.warning(_unreadable_summary(self.skipped))
         if self.dist.distributed:
             self._check_replicas()
-        best = self.best_metric if self.val_loader is not None else None
+        best = self.best_metric if self.val_loader is not None and not self.mae else None
+        best_loss = -self.best_metric if self.mae and self.best_metric is not None else None
         return TrainResult(
             run_dir=self.run_dir, epochs_completed=self.epoch, steps=self.step, best_metric=best,
             best_epoch=self.best_epoch, history=self.history, model=self.model,
-            skipped_images=sorted(self.skipped.items()), classes=self.classes,
+            skipped_images=sorted(self.skipped.items()), classes=self.classes, objective=self.objective,
+            best_val_loss=best_loss,
         )  # fmt: skip
 
     def _check_replicas(self) -> None:
@@ -733,7 +841,16 @@ def train(
 
     Returns:
         A :class:`TrainResult`. The run folder holds ``config.yaml``, ``last.pt``, ``best.pt``, ``best/``
-        (project-format weights for :func:`crate_vis.load_model`), ``metrics.csv`` and ``curves.png``.
+        (project-format weights for :func:`crate_vis.load_model`), ``metrics.csv`` and ``curves.png``. ``best``
+        is the highest validation top-1 of a classifier, the lowest validation loss of masked autoencoding
+        (:mod:`crate_vis.train.mae`), or without validation data the lowest training loss of a classifier and the
+        last epoch of masked autoencoding.
+
+    Example:
+        >>> from crate_vis.train import resolve_config, train
+        >>> cfg = resolve_config("crate_mae_pretrain", data="photos/", out="runs/mae", model="crate_mae_test_patch8_32",
+        ...                      img_size=32, batch_size=8, epochs=2)  # doctest: +SKIP
+        >>> train(cfg).best_val_loss  # doctest: +SKIP
 
     Raises:
         NonFiniteLossError: the loss diverged (the last good checkpoint is kept).

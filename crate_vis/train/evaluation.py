@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UsageError
 from ..io.atomic import atomic_write, atomic_write_json
 
 __all__ = ["EvalResult", "confusion_matrix", "evaluate_model", "write_eval_report"]
@@ -98,7 +99,8 @@ def evaluate_model(
     """Run ``model`` over ``batches`` and collect the metrics.
 
     Args:
-        model: classifier returning ``(B, C)`` logits with ``C == len(classes)``.
+        model: classifier returning ``(B, C)`` logits with ``C == len(classes)``; a CRATE-MAE (a masked
+            autoencoder, no classifier) is refused with :class:`~crate_vis.errors.UsageError`.
         batches: iterable of ``(images, labels)`` or ``(images, labels, skipped)`` (a loader built with
             :func:`~crate_vis.data.folders.collate_skip_bad`).
         classes: class names.
@@ -106,6 +108,14 @@ def evaluate_model(
         amp: ``none`` or ``bf16`` autocast.
         progress: show a progress bar.
     """
+    from ..models.registry import family_of
+
+    if family_of(model) == "crate_mae":
+        raise UsageError(
+            f"{getattr(model, 'model_name', None) or 'this model'} is a CRATE-MAE, a masked autoencoder without a "
+            "classifier: it has no top-1 to evaluate (see its reconstructions with crate-vis reconstruct, or fine-tune "
+            "a classifier from it)"
+        )
     device = torch.device(device)
     c = len(classes)
     k = min(5, c)

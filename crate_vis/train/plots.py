@@ -32,7 +32,8 @@ def _values(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], l
 
 
 def plot_curves(
-    rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], title: str = "", num_classes: int | None = None
+    rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], title: str = "", num_classes: int | None = None,
+    *, loss_label: str = "cross-entropy", accuracy: bool = True,
 ) -> Path:
     """Loss (train, val) and accuracy (train, val top-1, val top-5) against epoch, side by side.
 
@@ -41,25 +42,39 @@ def plot_curves(
         path: PNG to write.
         title: figure title (e.g. the model name).
         num_classes: with 5 classes or fewer, top-5 is always 100% and is not drawn.
+        loss_label: what the loss is (the y-axis label).
+        accuracy: draw the accuracy panel (``False`` for masked autoencoding: the loss panel alone).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> rows = [{"epoch": 1, "train_loss": 0.9, "val_loss": 0.8}, {"epoch": 2, "train_loss": 0.7, "val_loss": 0.75}]
+        >>> plot_curves(rows, pathlib.Path(tempfile.mkdtemp()) / "c.png", accuracy=False).name
+        'c.png'
     """
-    fig = _figure(figsize=(10, 4), dpi=100)
-    ax_loss, ax_acc = fig.subplots(1, 2)
+    fig = _figure(figsize=(10, 4) if accuracy else (5.5, 4), dpi=100)
+    if accuracy:
+        ax_loss, ax_acc = fig.subplots(1, 2)
+    else:
+        ax_loss, ax_acc = fig.subplots(1, 1), None
     for key, label in (("train_loss", "train"), ("val_loss", "val")):
         xs, ys = _values(rows, key)
         if xs:
             ax_loss.plot(xs, ys, marker="o", markersize=3, label=label)
-    acc_keys = [("train_acc", "train (augmented)"), ("val_top1", "val top-1")]
-    if num_classes is None or num_classes > 5:
-        acc_keys.append(("val_top5", "val top-5"))
-    for key, label in acc_keys:
-        xs, ys = _values(rows, key)
-        if xs:
-            ax_acc.plot(xs, ys, marker="o", markersize=3, label=label)
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy", ylim=(0, 102))
+    ax_loss.set(xlabel="epoch", ylabel=loss_label, title="loss")
+    axes = [ax_loss]
+    if ax_acc is not None:
+        acc_keys = [("train_acc", "train (augmented)"), ("val_top1", "val top-1")]
+        if num_classes is None or num_classes > 5:
+            acc_keys.append(("val_top5", "val top-5"))
+        for key, label in acc_keys:
+            xs, ys = _values(rows, key)
+            if xs:
+                ax_acc.plot(xs, ys, marker="o", markersize=3, label=label)
+        ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy", ylim=(0, 102))
+        axes.append(ax_acc)
     from matplotlib.ticker import MaxNLocator
 
-    for ax in (ax_loss, ax_acc):
+    for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
