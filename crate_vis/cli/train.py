@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema-decay", type=float, default=None, help="keep an EMA of the weights with this decay")
     p.add_argument("--mixup", type=float, default=None, help="mixup alpha")
     p.add_argument("--cutmix", type=float, default=None, help="cutmix alpha")
+    p.add_argument("--mask-ratio", type=float, default=None,
+                   help="masked autoencoding (CRATE-MAE): fraction of the patches removed (recipe default 0.75)")
     p.add_argument("--workers", "-j", type=int, default=None, help="data-loading processes")
     p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
                    help="decode an ImageFolder's images once into a memory-mapped cache and train from it")  # fmt: skip
@@ -70,7 +72,7 @@ _FLAG_KEYS = (
     "data", "model", "out", "resume", "pretrained", "epochs", "batch_size", "img_size", "optimizer", "lr",
     "weight_decay", "warmup_epochs", "label_smoothing", "clip_grad", "ema_decay", "mixup", "cutmix", "workers",
     "cache", "cache_dir", "cache_size", "threads", "seed", "device", "amp", "compile", "max_steps", "stop_after_epoch",
-    "tensorboard", "deterministic", "progress",
+    "tensorboard", "deterministic", "progress", "mask_ratio",
 )  # fmt: skip
 
 

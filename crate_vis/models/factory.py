@@ -232,7 +232,9 @@ def _run_checkpoint_model(obj: Mapping[str, Any], source: str) -> tuple[nn.Modul
     kwargs = dict(cfg.get("model_kwargs") or {})
     name = str(cfg.get("model"))
     try:
-        model = create_model(name, num_classes=len(classes), img_size=int(cfg.get("img_size")), **kwargs)
+        if not (is_registered(name) and model_family(name) == "crate_mae"):  # a masked autoencoder has no classes
+            kwargs["num_classes"] = len(classes)
+        model = create_model(name, img_size=int(cfg.get("img_size")), **kwargs)
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{source}: its config does not describe a buildable model ({err})") from None
     load_checkpoint(model, obj["model"], strict=True)
