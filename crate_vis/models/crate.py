@@ -13,9 +13,18 @@ embedding are learned, pooling is the CLS token or the mean over all tokens (CLS
 ``LayerNorm -> Linear``. Official checkpoints are read through the explicit key table in
 :mod:`crate_vis.models.conversion`.
 
-Two numerically equivalent paths exist for each sub-layer: a *fused* one (``F.scaled_dot_product_attention`` and
-ISTA in two matrix products) used by default, and an *explicit* one that materialises the attention matrix through
-the ``attend`` softmax module and computes ISTA term by term as the reference does.
+Two numerically equivalent paths exist for each sub-layer: a *fused* one used by default, and an *explicit* one that
+materialises the attention matrix through the ``attend`` softmax module and computes ISTA term by term as the
+reference does. The fused path:
+
+* **MSSA**: ``F.scaled_dot_product_attention``; on the CPU in bfloat16/float16 a materialised-softmax attention with
+  its own backward (:class:`SubspaceAttention`), because PyTorch's CPU flash-attention backward is several times
+  slower than batched matrix products at these sizes in half precision.
+* **ISTA** (:class:`ISTAStep`, an autograd function with a hand-written backward). The step is linear before the
+  shrinkage: ``z + eta D^T (z - D z) = (I + eta (D^T - D^T D)) z``. With at least as many tokens as channels it
+  forms ``E = eta (D^T - D^T D)`` once (``dim^3``) and runs one token-sized product ``z + E z`` forward and two
+  backward, instead of two and four; with fewer tokens it runs the two products ``r = z - D z``, ``z + eta D^T r``
+  and reuses ``r`` in the backward.
 """
 
 from __future__ import annotations
@@ -27,8 +36,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
-__all__ = ["CRATE", "MSSA", "ISTA", "CRATEBlock", "PatchEmbed", "fit_to_patches", "resample_pos_embed", "to_2tuple"]
+__all__ = [
+    "CRATE", "MSSA", "ISTA", "ISTAStep", "SubspaceAttention", "CRATEBlock", "PatchEmbed", "fit_to_patches",
+    "resample_pos_embed", "to_2tuple",
+]  # fmt: skip
 
 
 def to_2tuple(value: int | Sequence[int]) -> tuple[int, int]:
@@ -152,7 +165,10 @@ class MSSA(nn.Module):
         w = self.subspace(self.project(x))  # (B, h, N, dh)
         if self.fused:
             p = self.attn_drop.p if self.training else 0.0
-            out = F.scaled_dot_product_attention(w, w, w, dropout_p=p, scale=self.scale)  # (B, h, N, dh)
+            if p == 0.0 and w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16):
+                out = SubspaceAttention.apply(w, self.scale)  # (B, h, N, dh)
+            else:
+                out = F.scaled_dot_product_attention(w, w, w, dropout_p=p, scale=self.scale)  # (B, h, N, dh)
         else:
             dots = torch.matmul(w, w.transpose(-1, -2)) * self.scale  # (B, h, N, N)
             attn = self.attn_drop(self.attend(dots))
@@ -161,11 +177,101 @@ class MSSA(nn.Module):
         return self.proj_drop(self.proj(out))
 
 
+class SubspaceAttention(torch.autograd.Function):
+    """``softmax(W W^T * scale) W`` per head, the attention matrix materialised, with its own backward.
+
+    The subspace projection ``W`` ``(B, h, N, dh)`` is query, key and value at once, so one saved copy serves all
+    three and the backward is four batched products: with ``A = softmax(S)``, ``S = scale W W^T`` and the output
+    gradient ``G``, ``dA = G W^T``, ``dS = A * (dA - rowsum(dA * A))`` and
+    ``dW = A^T G + scale (dS + dS^T) W``. The softmax reads the logits in the input precision and accumulates in
+    float32 (the logits are rounded to the input precision first, unlike flash attention). Used by
+    :class:`MSSA`'s fused path on the CPU in bfloat16/float16 without attention dropout.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor, scale: float) -> torch.Tensor:
+        b, h, n, dh = w.shape
+        wc = w.contiguous().view(b * h, n, dh)  # (B*h, N, dh)
+        logits = torch.baddbmm(wc.new_zeros(()), wc, wc.transpose(1, 2), beta=0.0, alpha=scale)  # (B*h, N, N)
+        attn = torch.softmax(logits, dim=-1)
+        ctx.save_for_backward(wc, attn)
+        ctx.scale = scale
+        return torch.bmm(attn, wc).view(b, h, n, dh)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        wc, attn = ctx.saved_tensors
+        b, h, n, dh = grad.shape
+        g = grad.reshape(b * h, n, dh)  # (B*h, N, dh)
+        d_attn = torch.bmm(g, wc.transpose(1, 2))  # (B*h, N, N)
+        d_logits = torch._softmax_backward_data(d_attn, attn, -1, attn.dtype)
+        dw = torch.bmm(attn.transpose(1, 2), g)  # as value
+        dw.baddbmm_(d_logits, wc, alpha=ctx.scale)  # as query
+        dw.baddbmm_(d_logits.transpose(1, 2), wc, alpha=ctx.scale)  # as key
+        return dw.view(b, h, n, dh), None
+
+
+class ISTAStep(torch.autograd.Function):
+    """``ReLU(z + eta D^T (z - D z) - eta lambda)`` on token rows ``z`` ``(M, d)``, with a hand-written backward.
+
+    Tokens are rows, so ``D z`` is ``z @ D.T``. With ``g`` the output gradient masked by the ReLU:
+
+    * ``M >= d`` (collapsed): ``y = ReLU(z + z E - eta lambda)`` with ``E = eta (D - D^T D)``, the row form of
+      ``eta (D^T - D^T D)``; backward ``dz = g + g E^T`` and, with ``G = z^T g``, ``dD = eta (G - D (G + G^T))``.
+      One ``(M, d) x (d, d)`` product forward and two backward, plus two ``d^3`` ones.
+    * ``M < d`` (two products): ``r = z - z D^T``, ``y = ReLU(z + eta r D - eta lambda)``; backward with
+      ``q = g D^T``: ``dz = g + eta (q - q D)``, ``dD = eta (r^T g - q^T z)``.
+
+    All products run in the dtype of ``z`` and ``weight`` (the caller casts them alike, as autocast would).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, weight: torch.Tensor, eta: float, lambd: float) -> torch.Tensor:
+        collapsed = z.shape[0] >= z.shape[1]
+        y = z.sub(eta * lambd)  # (M, d), written once here and then updated in place
+        if collapsed:
+            e = torch.addmm(weight, weight.t(), weight, beta=eta, alpha=-eta)  # eta (D - D^T D), (d, d)
+            y.addmm_(z, e)
+            other = e
+        else:
+            other = torch.addmm(z, z, weight.t(), alpha=-1.0)  # r = z - D z, (M, d)
+            y.addmm_(other, weight, alpha=eta)
+        y.relu_()
+        ctx.save_for_backward(z, weight, other, y)
+        ctx.eta, ctx.collapsed = eta, collapsed
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        z, weight, other, y = ctx.saved_tensors
+        eta = ctx.eta
+        g = torch.ops.aten.threshold_backward(grad, y, 0)  # grad where the ReLU passed, else 0
+        dz = dw = None
+        if ctx.collapsed:
+            e = other
+            if ctx.needs_input_grad[0]:
+                dz = torch.addmm(g, g, e.t())  # g + g E^T
+            if ctx.needs_input_grad[1]:
+                gm = torch.mm(z.t(), g)  # dL/d(I + E), (d, d)
+                dw = torch.addmm(gm, weight, gm + gm.t(), beta=eta, alpha=-eta)
+            return dz, dw, None, None
+        r = other
+        q = torch.mm(g, weight.t())  # (M, d)
+        if ctx.needs_input_grad[0]:
+            dz = torch.addmm(g, q, weight, alpha=-eta).add_(q, alpha=eta)  # g + eta (q - q D)
+        if ctx.needs_input_grad[1]:
+            dw = torch.mm(r.t(), g).addmm_(q.t(), z, beta=eta, alpha=-eta)  # eta (r^T g - q^T z)
+        return dz, dw, None, None
+
+
 class ISTA(nn.Module):
     """One ISTA step toward a sparse code: ``ReLU(z + eta * D^T (z - D z) - eta * lambda)``.
 
     ``weight`` is the dictionary ``D`` (``dim x dim``) as the reference stores it. Tokens are rows, so ``D z`` is
-    ``z @ D.T`` and ``D^T r`` is ``r @ D``.
+    ``z @ D.T`` and ``D^T r`` is ``r @ D``. The fused path is :class:`ISTAStep` (under autocast its products run in
+    the autocast dtype, as ``addmm`` would); the explicit one computes the reference's three products term by term.
     """
 
     def __init__(self, dim: int, eta: float = 0.1, lambd: float = 0.1, fused: bool = True) -> None:
@@ -178,11 +284,13 @@ class ISTA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            # Two GEMMs with the additions folded into them (addmm: input + alpha * m1 @ m2), then one ReLU pass.
             z = x.reshape(-1, x.shape[-1])  # (B*N, dim)
-            residual = torch.addmm(z, z, self.weight.t(), alpha=-1.0)  # z - D z
-            out = torch.addmm(z - self.eta * self.lambd, residual, self.weight, alpha=self.eta)  # + eta D^T (z - D z)
-            return F.relu(out, inplace=True).view_as(x)
+            weight = self.weight
+            device = z.device.type
+            if torch.is_autocast_enabled(device) and z.dtype != torch.float64:  # cast as autocast casts a product
+                dtype = torch.get_autocast_dtype(device)
+                z, weight = z.to(dtype), weight.to(dtype)
+            return ISTAStep.apply(z, weight, self.eta, self.lambd).view(*x.shape[:-1], -1)
         dtdx = F.linear(F.linear(x, self.weight), self.weight.t())  # D^T D z
         dtx = F.linear(x, self.weight.t())  # D^T z
         return F.relu(x + (self.eta * (dtx - dtdx) - self.eta * self.lambd))
@@ -234,7 +342,7 @@ class CRATE(nn.Module):
         emb_dropout: dropout after adding the position embedding.
         ista: ISTA step size ``eta``.
         lambd: ISTA sparsity weight ``lambda`` (the reference hard-codes 0.1).
-        fused: use the fused attention / two-matmul ISTA path (default) instead of the explicit one.
+        fused: use the fused attention / ISTA path (default; see the module docstring) instead of the explicit one.
     """
 
     num_prefix_tokens: int = 1
