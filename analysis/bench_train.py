@@ -8,7 +8,9 @@ Settings: ``crate_tiny_patch16_224`` at 224 px (batch 8) and ``crate_mini_patch8
 forward pass (patch embedding, qkv, attention, projection, MLP, head; as :meth:`CRATE.flops_per_image` counts them,
 using the two-product ISTA of the definition) are as close as possible to the CRATE's. The table prints both counts.
 A CRATE layer costs as much as a ViT attention sub-layer alone, so at equal FLOPs the ViT is narrower and spends a
-smaller share of its FLOPs in attention.
+smaller share of its FLOPs in attention. The ViT is timm's as it comes: its attention is
+``F.scaled_dot_product_attention``, whose CPU backward in bfloat16 is slow at these sizes (the CRATE fused path
+avoids it there, see :class:`crate_vis.models.crate.SubspaceAttention`), so the bf16 ratios include that difference.
 
 **Rows, timed round-robin in one run.** ``CRATE (d4b70ad)`` is the same model with the fused path as it was at
 commit d4b70ad (``F.scaled_dot_product_attention`` always, ISTA as two ``addmm`` under autograd), kept here as the
@@ -180,7 +182,8 @@ def main() -> None:
         ("crate_mini, 64 px", "crate_mini_patch8_96", 64, args.batch_mini),
         ("crate_mini, 96 px", "crate_mini_patch8_96", 96, args.batch_mini),
     ]
-    print(f"torch {torch.__version__}, CPU, {args.threads} thread(s), {args.rounds} rounds after 1 warm-up step")
+    what = "profiles of two steps after 1 warm-up step" if args.profile else f"{args.rounds} rounds after 1 warm-up step"
+    print(f"torch {torch.__version__}, CPU, {args.threads} thread(s), {what}")
     rows = []
     for label, name, size, batch in settings:
         torch.manual_seed(0)
