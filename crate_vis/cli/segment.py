@@ -113,8 +113,10 @@ def run(args: argparse.Namespace) -> int:
     segment = SegmentConfig(
         method=method, layer=args.layer if args.layer is not None else recommended.get("layer", -1),
         mass=args.mass if args.mass is not None else recommended.get("mass", 0.6), heads=parse_heads(args.heads),
-        combine=args.combine or "mean", largest_component=args.largest_component, tau=args.tau,
-        max_masks=3 if args.max_masks is None else args.max_masks, solver=args.solver or "auto",
+        combine=args.combine or "mean", largest_component=args.largest_component,
+        tau=args.tau if args.tau is not None else (recommended.get("tau") if method == recommended.get("method") else None),
+        max_masks=args.max_masks or (recommended.get("max_masks", 3) if method == recommended.get("method") else 3),
+        solver=args.solver or "auto",
         cut_rules=args.cut_rules or "default",
     )  # fmt: skip
     config = SegmentRunConfig(

@@ -44,7 +44,10 @@ from ..models.geometry import token_geometry
 from ..segmentation.dino import dino_foreground, dino_masks
 from ..segmentation.maskcut import maskcut, tokencut
 
-__all__ = ["ModelRun", "RealPhotoSettings", "evaluate_model", "ellipse_prior", "run_real_photos", "interval"]
+__all__ = [
+    "ModelRun", "RealPhotoSettings", "evaluate_model", "ellipse_prior", "run_real_photos", "interval",
+    "sweep_segment_defaults", "write_report", "layer_curves", "findings", "group_scores",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +128,7 @@ def evaluate_model(model: nn.Module, gt: Any, settings: RealPhotoSettings) -> di
             mc = maskcut(feats[layer].numpy(), prep.grid, tau=settings.tau_maskcut, max_masks=settings.max_masks)
             mc_full = prep.grid_to_image(mc.masks).astype(bool) if len(mc.masks) else np.zeros((0, *fg.shape), bool)
             dets[layer] += masks_to_results(image_id, mc_full, mc.scores) if len(mc_full) else []
+            first = binary_iou(mc_full[0], fg, empty=0.0) if len(mc_full) else binary_iou(np.zeros_like(fg), fg, empty=0.0)
             tc_box = mask_bbox(tc_mask) if tc_mask.any() else None
             hit = bool(tc_box is not None and len(boxes) and (box_iou([tc_box], boxes) >= 0.5).any())
             rec["layers"].append({
@@ -134,6 +138,7 @@ def evaluate_model(model: nn.Module, gt: Any, settings: RealPhotoSettings) -> di
                 "dino_best_head": float(np.max(head_iou)),
                 "dino_mean_attention": binary_iou(prep.grid_to_image(mean_mask), fg, empty=0.0),
                 "tokencut": binary_iou(tc_mask, fg, empty=0.0),
+                "maskcut_first": first,
                 "corloc": hit if len(boxes) else None,
                 "mass_in": [float(v) for v in mass],
             })  # fmt: skip
@@ -147,13 +152,14 @@ def evaluate_model(model: nn.Module, gt: Any, settings: RealPhotoSettings) -> di
         layers.append({
             "layer": layer,
             **{k: float(np.mean([r[k] for r in rows])) for k in
-               ("dino_mean_heads", "dino_union", "dino_best_head", "dino_mean_attention", "tokencut")},
+               ("dino_mean_heads", "dino_union", "dino_best_head", "dino_mean_attention", "tokencut", "maskcut_first")},
             "per_head_iou": np.mean([r["heads_iou"] for r in rows], axis=0).tolist(),
             "per_head_mass_in": np.nanmean([r["mass_in"] for r in rows], axis=0).tolist(),
             "mass_in": float(np.nanmean([np.mean(r["mass_in"]) for r in rows])),
             "corloc": float(np.mean(corloc)) if corloc else float("nan"),
             "maskcut_ap": float(ap["AP"]), "maskcut_ap50": float(ap["AP50"]),
-            "per_image": {k: [r[k] for r in rows] for k in ("dino_mean_attention", "tokencut", "dino_union")},
+            "per_image": {k: [r[k] for r in rows] for k in ("dino_mean_attention", "tokencut", "dino_union",
+                                                            "maskcut_first")},
         })  # fmt: skip
     return {"images": len(ids), "seconds": round(seconds, 1), "layers": layers}
 
@@ -280,6 +286,7 @@ METRICS = (
     ("dino_mean_heads", "DINO, mean over heads"),
     ("dino_best_head", "DINO, best head (oracle)"),
     ("tokencut", "TokenCut"),
+    ("maskcut_first", "MaskCut, first mask"),
     ("maskcut_ap50", "MaskCut AP50"),
     ("corloc", "CorLoc"),
     ("mass_in", "attention on object"),
@@ -397,7 +404,8 @@ def sweep_segment_defaults(
     """Jaccard of each (input size, method, layer) of one model on one ground truth, and the best choice.
 
     Methods are those ``crate-vis segment`` writes one mask per image with: ``dino`` (the mask of the head-averaged
-    attention) and ``tokencut``.
+    attention), ``tokencut`` (the official rule) and ``maskcut`` with one mask (TokenCut's cut with MaskCut's corner
+    rule, an object-centric prior, at MaskCut's tau).
     """
     from dataclasses import replace
 
@@ -405,7 +413,7 @@ def sweep_segment_defaults(
     for size in sizes:
         res = evaluate_model(model, gt, replace(settings, size=size))
         for lay in res["layers"]:
-            for method, key in (("dino", "dino_mean_attention"), ("tokencut", "tokencut")):
+            for method, key in (("dino", "dino_mean_attention"), ("tokencut", "tokencut"), ("maskcut", "maskcut_first")):
                 table.append({"size": size, "method": method, "layer": lay["layer"], "jaccard": lay[key]})
     best = max(table, key=lambda r: r["jaccard"])
     return {"table": table, "best": best}
@@ -469,10 +477,12 @@ def write_report(results: dict[str, Any], out: Path, order: Sequence[str], crate
         lines += ["| size | method | " + " | ".join(f"layer {i}" for i in layers) + " |",
                   "|---|---|" + "---|" * len(layers)]  # fmt: skip
         for size in sizes:
-            for method in ("dino", "tokencut"):
+            for method in ("dino", "tokencut", "maskcut"):
                 vals = {r["layer"]: r["jaccard"] for r in sweep["table"] if r["size"] == size and r["method"] == method}
                 lines.append(f"| {size} | {method} | " + " | ".join(f"{vals[i]:.3f}" for i in layers) + " |")
-        lines += ["", f"Chosen: `--method {best['method']} --layer {best['layer']} --img-size {best['size']}` "
+        flag = " --max-masks 1" if best["method"] == "maskcut" else ""
+        lines += ["", "(maskcut: one mask, the first cut.)", "",
+                  f"Chosen: `--method {best['method']}{flag} --layer {best['layer']} --img-size {best['size']}` "
                   f"({best['jaccard']:.3f}); the weights carry these settings, so `crate-vis segment` uses them "
                   "when no flag is given.", ""]  # fmt: skip
     if new_user is not None:

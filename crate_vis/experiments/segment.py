@@ -275,10 +275,10 @@ def _distributed() -> tuple[int, int, int] | None:
 
 def recommended_settings(model: nn.Module) -> dict[str, Any]:
     """The segment settings the weights recommend (``metadata.segment`` of their config: ``method``, ``layer``,
-    ``img_size``, ``mass``), chosen when they were released; empty when they say nothing."""
+    ``img_size``, ``mass``, ``tau``, ``max_masks``), chosen when they were released; empty when they say nothing."""
     meta = (getattr(model, "pretrained_config", None) or {}).get("metadata") or {}
     rec = meta.get("segment") or {}
-    return {k: rec[k] for k in ("method", "layer", "img_size", "mass") if k in rec}
+    return {k: rec[k] for k in ("method", "layer", "img_size", "mass", "tau", "max_masks") if k in rec}
 
 
 def local_device() -> str | None:
