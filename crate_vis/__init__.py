@@ -8,6 +8,8 @@ from typing import Any
 from .errors import CheckpointError, CrateVisError
 from .models import (
     CRATE,
+    CRATEMAE,
+    CRATEAlpha,
     TokenGeometry,
     create_model,
     list_models,
@@ -26,12 +28,15 @@ _LAZY: dict[str, str] = {
     "FeatureRecorder": "crate_vis.hooks",
     "attention_rollout": "crate_vis.hooks",
     "load_image": "crate_vis.io.images",
-    "ImageLoadError": "crate_vis.io.images",
+    "ImageLoadError": "crate_vis.errors",
 }
-_SUBMODULES = {"hooks", "whitebox", "segmentation", "metrics", "datasets", "viz", "train", "data", "io", "parts"}
+_SUBMODULES = {
+    "cli", "data", "errors", "experiments", "groundtruth", "hooks", "io", "metrics", "models", "segmentation", "train",
+    "viz", "whitebox",
+}  # fmt: skip
 
 __all__ = [
-    "CRATE", "CheckpointError", "CrateVisError", "TokenGeometry", "create_model", "list_models", "load_checkpoint",
+    "CRATE", "CRATEAlpha", "CRATEMAE", "CheckpointError", "CrateVisError", "TokenGeometry", "create_model", "list_models", "load_checkpoint",
     "load_model", "resolve_model", "save_model", "token_geometry", *_LAZY,
 ]  # fmt: skip
 

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from crate_vis.cli import main
+from crate_vis.data.image_geometry import plan_geometry
 from crate_vis.groundtruth import COCODataset, VOCDataset, open_dataset, voc_palette
 from crate_vis.io.coco import mask_to_rle, masks_to_results
 from crate_vis.io.segment_output import load_prediction_masks
@@ -254,8 +255,10 @@ def _write_segment_output(out: Path, items: list[dict]) -> None:
             recs.append({"file": rel, "score": score, "bbox": entry["bbox"], "segmentation": entry["segmentation"]})
             results.append(entry)
         h, w = it["masks"][0].shape if it["masks"] else it["size"]
+        geometry = plan_geometry((h, w), it["patch"], it["img_size"]).to_dict()
+        assert geometry["input_hw"] == it["input_size"]
         rec = {"image_id": it["image_id"], "file_name": it["file_name"], "width": w, "height": h,
-               "input_size": it["input_size"], "grid": it["grid"], "settings": {"img_size": it["img_size"]},
+               "geometry": geometry, "grid": it["grid"], "settings": {"img_size": it["img_size"]},
                "masks": recs}  # fmt: skip
         (out / "images" / f"{it['name']}.json").write_text(json.dumps(rec))
     (out / "results.json").write_text(json.dumps(results))
@@ -269,9 +272,9 @@ def test_segment_output_layout(capsys, coco_gt, tmp_path):
     # patch 4 covering 24 x 30 of the 24 x 32 original pixels
     items = [
         {"name": "x", "image_id": 5, "file_name": "x.jpg", "masks": [fg5, np.roll(fg5, 5, axis=0)],
-         "scores": [0.4, 0.9], "grid": [4, 5], "input_size": [16, 20], "img_size": 16},
+         "scores": [0.4, 0.9], "grid": [4, 5], "input_size": [16, 20], "img_size": 16, "patch": 4},
         {"name": "y", "image_id": 6, "file_name": "y.jpg", "masks": [], "scores": [], "size": (H, W),
-         "grid": [4, 5], "input_size": [16, 20], "img_size": 16},
+         "grid": [4, 5], "input_size": [16, 20], "img_size": 16, "patch": 4},
     ]  # fmt: skip
     out = tmp_path / "seg"
     _write_segment_output(out, items)

@@ -101,7 +101,7 @@ _FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 # --------------------------------------------------------------------------------------------- sizes and places
 def default_cache_root() -> Path:
     """``$CRATE_VIS_CACHE/decoded``, else ``~/.cache/crate-vis/decoded`` (beside downloaded weights)."""
-    from ..models.pretrained import cache_dir
+    from ..io.paths import cache_dir
 
     return cache_dir() / "decoded"
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ..data.image_geometry import ImageGeometry
 from ..errors import DatasetError, UsageError
 from ..groundtruth import COCODataset, open_dataset
 from ..io.coco import read_results
@@ -139,7 +140,8 @@ def score_predictions(pred: str | Path, gt: str | Path, config: ScoreConfig = Sc
         if config.protocol == "jaccard":
             res = scoring.score_jaccard(dataset, masks, config.allow_missing, config.resize_pred)
         else:
-            grids, extents = (seg.grids, seg.extents) if seg is not None else (None, None)
+            grids = seg.grids if seg is not None else None
+            extents = {k: ImageGeometry.from_dict(g).extent for k, g in seg.geometries.items()} if seg else None
             res = scoring.score_miou(dataset, masks, config.allow_missing, config.background, config.patch_size,
                                      grids, extents)  # fmt: skip
     elif config.protocol == "corloc":

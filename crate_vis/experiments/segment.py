@@ -46,6 +46,7 @@ from ..io.images import SkipReport, list_images, load_image
 from ..io.segment_output import (
     ImageRecord,
     claim_folder,
+    clean_temporaries,
     output_names,
     read_done,
     read_records,
@@ -345,7 +346,7 @@ def segment_images(
             raise UsageError("--overwrite cannot be combined with shards (they would remove each other's outputs); "
                              "remove the folder first")  # fmt: skip
         mode = "resume"  # the shards of one run share the folder; a rerun shard skips what it finished
-    claim_folder(out, key, mode)
+    claim_folder(out, key, mode, clean=shard is None)  # other shards may be writing temporaries right now
     ordered = list(enumerate(items))
     mine = ordered if shard is None else ordered[shard[0] :: shard[1]]
     _warn_large(items, patch, size, config)
@@ -502,6 +503,7 @@ def merge_shards(out: str | os.PathLike[str]) -> dict[str, Any]:
         "processed": len(records), "skipped": len(failures), "failures": failures,
     }  # fmt: skip
     info["masks"] = write_summary(out, records, info)
+    clean_temporaries(out)  # every shard has finished: what is left was left by killed runs
     return info
 
 

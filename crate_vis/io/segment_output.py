@@ -220,7 +220,7 @@ def _previous_key(out: Path) -> str | None:
     return None
 
 
-def claim_folder(out: Path, settings_id: str, mode: str = "new") -> None:
+def claim_folder(out: Path, settings_id: str, mode: str = "new", clean: bool = True) -> None:
     """Make ``out`` this run's folder.
 
     Args:
@@ -229,6 +229,7 @@ def claim_folder(out: Path, settings_id: str, mode: str = "new") -> None:
         mode: ``"new"`` refuses a folder with another run's outputs; ``"resume"`` keeps a folder whose outputs have
             the same settings (and refuses one with other settings); ``"overwrite"`` removes what a previous run
             wrote (masks, overlays, records, results, shard manifests) and starts afresh.
+        clean: remove temporaries an interrupted run left (not while other shards may be writing into the folder).
 
     Raises:
         RunFolderError: the folder holds another run's outputs and ``mode`` does not allow using it.
@@ -254,7 +255,8 @@ def claim_folder(out: Path, settings_id: str, mode: str = "new") -> None:
                 "replace it, or another --out"
             )
     out.mkdir(parents=True, exist_ok=True)
-    clean_temporaries(out)
+    if clean:
+        clean_temporaries(out)
 
 
 def write_summary(
@@ -313,7 +315,8 @@ class SegmentOutput:
         masks: file name -> ``(K, H, W)`` bool (``K >= 1``; an image without masks has one empty mask).
         scores: file name -> ``(K,)`` float (empty for an image without masks).
         grids: file name -> token grid ``(gh, gw)`` the masks were computed on.
-        extents: file name -> ``(eh, ew)``: the pixels of the original image the grid covers.
+        geometries: file name -> how the image became the model input (an
+            :class:`~crate_vis.data.image_geometry.ImageGeometry` as a dict).
         image_ids: file name -> the ``image_id`` used in ``results.json``.
         names: file name -> output name.
     """
@@ -321,25 +324,9 @@ class SegmentOutput:
     masks: dict[str, np.ndarray] = field(default_factory=dict)
     scores: dict[str, np.ndarray] = field(default_factory=dict)
     grids: dict[str, tuple[int, int]] = field(default_factory=dict)
-    extents: dict[str, tuple[float, float]] = field(default_factory=dict)
+    geometries: dict[str, dict[str, Any]] = field(default_factory=dict)
     image_ids: dict[str, Any] = field(default_factory=dict)
     names: dict[str, str] = field(default_factory=dict)
-
-
-def _extent(rec: Mapping[str, Any], h: int, w: int) -> tuple[float, float] | None:
-    """Original-image pixels covered by the model input of a record."""
-    from ..data.image_geometry import ImageGeometry
-
-    geo = rec.get("geometry")
-    if isinstance(geo, Mapping):
-        return ImageGeometry.from_dict(geo).extent
-    size = (rec.get("settings") or {}).get("img_size")  # records of schema 1
-    inp = rec.get("input_size")
-    if not size or not inp:
-        return None
-    scale = float(size) / min(h, w)
-    rh, rw = max(1, round(h * scale)), max(1, round(w * scale))
-    return min(float(h), int(inp[0]) * h / rh), min(float(w), int(inp[1]) * w / rw)
 
 
 def is_segment_output(folder: str | os.PathLike[str]) -> bool:
@@ -381,6 +368,8 @@ def load_segment_output(folder: str | os.PathLike[str]) -> SegmentOutput:
             image_id = rec["image_id"]
         except (ValueError, KeyError, TypeError, IndexError) as err:
             raise DatasetError(rec_path, "segment record", f"unreadable ({err})") from None
+        if not isinstance(rec.get("geometry"), Mapping):
+            raise DatasetError(rec_path, "segment record", "no 'geometry': written by an older crate-vis; segment again")
         if file_name in out.masks:
             raise DatasetError(rec_path, "segment record", f"a second image with file name {file_name!r}")
         arrs, scores = [], []
@@ -395,9 +384,7 @@ def load_segment_output(folder: str | os.PathLike[str]) -> SegmentOutput:
         out.masks[file_name] = np.stack(arrs) if arrs else np.zeros((1, h, w), dtype=bool)
         out.scores[file_name] = np.asarray(scores, dtype=np.float64)
         out.grids[file_name] = grid
-        ext = _extent(rec, h, w)
-        if ext is not None:
-            out.extents[file_name] = ext
+        out.geometries[file_name] = dict(rec["geometry"])
         out.image_ids[file_name] = image_id
         out.names[file_name] = rec["name"]
     if not out.masks:

@@ -132,6 +132,7 @@ def coco_ap(
         ValueError: detections for unknown image ids, missing fields, masks of the wrong size.
 
     Example:
+        >>> import numpy as np
         >>> from crate_vis.io.coco import mask_to_rle
         >>> m = np.zeros((8, 8), bool); m[2:6, 2:6] = True
         >>> gt = {"images": [{"id": 1, "width": 8, "height": 8, "file_name": "a.jpg"}],

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ..errors import SelectionError
+
 __all__ = [
     "CRATE", "MSSA", "ISTA", "ISTAStep", "SubspaceAttention", "CRATEBlock", "PatchEmbed", "fit_to_patches",
     "resample_pos_embed", "to_2tuple",
@@ -51,6 +53,24 @@ def to_2tuple(value: int | Sequence[int]) -> tuple[int, int]:
     if len(value) != 2:
         raise ValueError(f"expected an int or a pair (h, w), got {value!r}")
     return (int(value[0]), int(value[1]))
+
+
+def layer_index(depth: int, layer: int) -> int:
+    """``layer`` (negative counts from the end) as an index in ``0 .. depth-1``: the one layer-index check.
+
+    Raises:
+        SelectionError: out of range (the message names the valid range); also an ``IndexError`` and ``ValueError``.
+
+    Example:
+        >>> layer_index(12, -1)
+        11
+    """
+    if isinstance(layer, bool) or not isinstance(layer, (int,)) and not hasattr(layer, "__index__"):
+        raise SelectionError(f"a layer index must be an integer, got {layer!r}")
+    layer = int(layer)
+    if not -depth <= layer < depth:
+        raise SelectionError(f"layer {layer} out of range: this model has layers 0..{depth - 1} (or -{depth}..-1)")
+    return layer % depth
 
 
 def resample_pos_embed(
@@ -506,8 +526,6 @@ class CRATE(nn.Module):
             if not 0 < indices <= self.depth:
                 raise ValueError(f"ask for the last 1..{self.depth} layers, got {indices}")
             return list(range(self.depth - indices, self.depth))
-        from .geometry import layer_index
-
         return [layer_index(self.depth, i) for i in indices]
 
     def reset_classifier(self, num_classes: int, pool: str | None = None) -> None:

@@ -40,7 +40,15 @@ from .checkpoint import (
     read_checkpoint,
     safe_torch_load,
 )
-from .registry import family_class, is_registered, model_config, model_family, unknown_model_message
+from .registry import (
+    ON_REGISTER,
+    family_class,
+    is_registered,
+    list_models,
+    model_config,
+    model_family,
+    unknown_model_message,
+)
 
 __all__ = ["create_model", "build_from_config", "load_model", "resolve_model", "resolve_device"]
 
@@ -430,3 +438,35 @@ def _family_name(model: nn.Module) -> str:
     from .registry import family_of
 
     return family_of(model) or "timm"
+
+
+# ----------------------------------------------------------------------------------------------- timm
+def _register_with_timm(name: str) -> None:
+    """Make ``timm.create_model(name)`` build the registered model (through the factory)."""
+    try:
+        from timm.models import register_model as timm_register
+        from timm.models._registry import is_model as timm_is_model
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return
+    if timm_is_model(name):
+        return
+
+    def build(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        if pretrained:
+            raise ValueError(
+                f"{name}: timm's pretrained=True downloads from a hub; load weights with "
+                "crate_vis.create_model(name, pretrained=PATH_OR_NAME) instead"
+            )
+        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+            kwargs.pop(key, None)
+        return create_model(name, **kwargs)
+
+    build.__name__ = name
+    build.__qualname__ = name
+    build.__module__ = "crate_vis.models.factory"
+    timm_register(build)
+
+
+ON_REGISTER.append(_register_with_timm)
+for _name in list_models():
+    _register_with_timm(_name)

@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..errors import SelectionError
-from .crate import CRATE, to_2tuple
+from .crate import CRATE, layer_index, to_2tuple
 
 __all__ = [
     "TokenGeometry", "token_geometry", "model_input_size", "model_patch_size", "num_prefix_tokens", "layer_index",
@@ -90,20 +89,3 @@ def token_geometry(model: nn.Module, image_hw: tuple[int, int]) -> TokenGeometry
         grid = (h // ph, w // pw)
     return TokenGeometry((ph, pw), grid, num_prefix_tokens(model))
 
-
-def layer_index(depth: int, layer: int) -> int:
-    """``layer`` (negative counts from the end) as an index in ``0 .. depth-1``: the one layer-index check.
-
-    Raises:
-        SelectionError: out of range (the message names the valid range); also an ``IndexError`` and ``ValueError``.
-
-    Example:
-        >>> layer_index(12, -1)
-        11
-    """
-    if isinstance(layer, bool) or not isinstance(layer, (int,)) and not hasattr(layer, "__index__"):
-        raise SelectionError(f"a layer index must be an integer, got {layer!r}")
-    layer = int(layer)
-    if not -depth <= layer < depth:
-        raise SelectionError(f"layer {layer} out of range: this model has layers 0..{depth - 1} (or -{depth}..-1)")
-    return layer % depth

@@ -34,6 +34,7 @@ from typing import Any
 
 from ..errors import ChecksumError, WeightsNotFoundError
 from ..io.atomic import atomic_write
+from ..io.paths import cache_dir
 
 __all__ = [
     "WeightRecord", "ChecksumError", "WeightsNotFoundError", "WEIGHTS_DIR", "cache_dir", "list_weights",
@@ -134,11 +135,6 @@ def get_record(name: str) -> WeightRecord:
         if record.model == name:
             return record
     raise KeyError(f"no weights named {name!r} in {WEIGHTS_DIR / 'manifest.json'}; known: {', '.join(records)}")
-
-
-def cache_dir() -> Path:
-    """Download cache: ``$CRATE_VIS_CACHE`` or ``~/.cache/crate-vis``."""
-    return Path(os.environ.get("CRATE_VIS_CACHE", Path.home() / ".cache" / "crate-vis"))
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:

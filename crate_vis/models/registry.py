@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +71,9 @@ class ModelSpec:
 
 _SPECS: dict[str, ModelSpec] = {}
 
+#: Called with each newly registered name (the factory registers every name with timm this way).
+ON_REGISTER: list[Callable[[str], None]] = []
+
 
 def register_model(name: str, config: dict[str, Any], family: str = "crate") -> None:
     """Register ``config`` (constructor keywords of the family's class) under ``name``.
@@ -82,35 +86,8 @@ def register_model(name: str, config: dict[str, Any], family: str = "crate") -> 
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
     _SPECS[name] = ModelSpec(name, family, dict(config))
-    _register_with_timm(name)
-
-
-def _register_with_timm(name: str) -> None:
-    """Make ``timm.create_model(name)`` build the registered model (through the factory)."""
-    try:
-        from timm.models import register_model as timm_register
-        from timm.models._registry import is_model as timm_is_model
-    except ImportError:  # pragma: no cover - timm is a dependency
-        return
-    if timm_is_model(name):
-        return
-
-    def build(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-        from .factory import create_model
-
-        if pretrained:
-            raise ValueError(
-                f"{name}: timm's pretrained=True downloads from a hub; load weights with "
-                "crate_vis.create_model(name, pretrained=PATH_OR_NAME) instead"
-            )
-        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-            kwargs.pop(key, None)
-        return create_model(name, **kwargs)
-
-    build.__name__ = name
-    build.__qualname__ = name
-    build.__module__ = "crate_vis.models.registry"
-    timm_register(build)
+    for hook in ON_REGISTER:
+        hook(name)
 
 
 def register_family(family: str, cls: type[nn.Module], title: str, variants: dict[str, dict[str, Any]]) -> None:
