@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -60,6 +60,11 @@ FEATURES: tuple[str, ...] = ("mssa_in", "subspace", "mssa_out", "ista_in", "spar
 
 
 # --------------------------------------------------------------------------------------------------- layer access
+def _child(module: nn.Module, name: str) -> nn.Module:
+    """The sub-module ``module.<name>`` (``nn.Module.__getattr__`` is typed ``Tensor | Module``)."""
+    return cast(nn.Module, getattr(module, name))
+
+
 @dataclass(frozen=True)
 class _Layer:
     """Where one transformer block keeps the pieces the recorders hook."""
@@ -75,7 +80,7 @@ class _Layer:
     @property
     def projection_module(self) -> nn.Module:
         """The module whose forward output carries the per-head projections."""
-        return self.attn.subspace if self.kind == "crate" else self.attn.qkv
+        return _child(self.attn, "subspace" if self.kind == "crate" else "qkv")
 
     def query_key(self, out: torch.Tensor, cls_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries and keys ``(B, heads, N, dim_head)`` from :attr:`projection_module`'s output.
@@ -90,7 +95,7 @@ class _Layer:
         q, k = qkv[0], qkv[1]
         if cls_only:
             q = q[:, :, :1]  # q_norm acts per token, so normalising the CLS query alone is the same
-        return self.attn.q_norm(q), self.attn.k_norm(k)
+        return _child(self.attn, "q_norm")(q), _child(self.attn, "k_norm")(k)
 
     def attention(self, out: torch.Tensor, cls_only: bool) -> torch.Tensor:
         """Softmax attention from the projections: ``(B, h, N, N)``, or ``(B, h, N)`` for the CLS query only."""
@@ -377,10 +382,10 @@ class FeatureRecorder(_Recorder):
     def _register(self) -> None:
         for i, site in self._sites.items():
             ista = getattr(site.block, "ista", None)
-            modules = {
-                "mssa_in": site.block.norm1 if "mssa_in" in self.feature_names else None,
+            modules: dict[str, nn.Module | None] = {
+                "mssa_in": _child(site.block, "norm1") if "mssa_in" in self.feature_names else None,
                 "mssa_out": site.attn,
-                "ista_in": site.block.norm2 if "ista_in" in self.feature_names else None,
+                "ista_in": _child(site.block, "norm2") if "ista_in" in self.feature_names else None,
                 # the sparse code: CRATE-alpha's overcomplete code, CRATE's ISTA output, a ViT's block output
                 "sparse_code": getattr(ista, "sparse_code", None) or ista or site.block,
                 "ista_out": site.block,
@@ -397,7 +402,9 @@ class FeatureRecorder(_Recorder):
                     def record(out: torch.Tensor, i: int = i, name: str = name) -> None:
                         self._store(i, name, out)
 
-                    self._hook(modules[name], record)
+                    module = modules[name]
+                    assert module is not None  # None only for the inputs of features not asked for
+                    self._hook(module, record)
         last = model_layers(self.model)[-1]
 
         def record_final(out: torch.Tensor) -> None:

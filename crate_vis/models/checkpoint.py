@@ -24,7 +24,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -324,11 +324,15 @@ def _compatible(value: torch.Tensor, target: torch.Tensor) -> bool:
     return value.is_floating_point() == target.is_floating_point()
 
 
+class _TimmPatchEmbed(Protocol):
+    grid_size: tuple[int, int]  # a plain attribute, not a sub-module
+
+
 def _resize_pos_embed(model: nn.Module, pos: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     prefix = int(getattr(model, "num_prefix_tokens", 1))
     new_grid = getattr(model, "grid_size", None)
     if new_grid is None:
-        new_grid = tuple(model.patch_embed.grid_size)  # timm
+        new_grid = tuple(cast(_TimmPatchEmbed, model.patch_embed).grid_size)  # timm
     old_n = pos.shape[1] - prefix
     old_side = int(round(old_n**0.5))
     if old_side * old_side != old_n or pos.shape[-1] != target.shape[-1]:
@@ -344,14 +348,15 @@ def model_to_config(model: nn.Module) -> dict[str, Any]:
     name = getattr(model, "model_name", None)
     family = family_of(model)
     if family is not None:
-        return {"family": family, "name": name, "kwargs": dict(model.config)}
+        return {"family": family, "name": name, "kwargs": dict(cast("dict[str, Any]", model.config))}
     if name is None:
         raise CheckpointError(f"cannot describe a {type(model).__name__} without a registered model_name")
     # Only the architecture: how the weights were first obtained is not part of a config (see _WEIGHT_SOURCE_KEYS).
     kwargs = {k: v for k, v in getattr(model, "creation_kwargs", {}).items() if not _is_weight_source_key(k)}
     kwargs["num_classes"] = int(getattr(model, "num_classes", 0))
-    if hasattr(model, "patch_embed") and getattr(model.patch_embed, "img_size", None) is not None:
-        kwargs["img_size"] = list(model.patch_embed.img_size)
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:
+        kwargs["img_size"] = list(img_size)
     return {"family": "timm", "name": name, "kwargs": kwargs}
 
 

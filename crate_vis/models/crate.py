@@ -30,8 +30,8 @@ reference does. The fused path:
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,7 @@ __all__ = [
 
 def to_2tuple(value: int | Sequence[int]) -> tuple[int, int]:
     """Return ``(h, w)`` from an int or a pair."""
-    if isinstance(value, numbers.Integral):
+    if isinstance(value, (int, numbers.Integral)):
         return (int(value), int(value))
     if len(value) != 2:
         raise ValueError(f"expected an int or a pair (h, w), got {value!r}")
@@ -103,6 +103,37 @@ def resample_pos_embed(
     return torch.cat([prefix, patch], dim=1)
 
 
+class _HasPatchSize(Protocol):
+    """A patch embedding as :meth:`PatchEmbed.grid` reads it (the convolutional embeddings share that method)."""
+
+    patch_size: tuple[int, int]
+
+
+class _HasDepth(Protocol):
+    """A model as :meth:`CRATE._layer_indices` reads it (the other families share that method)."""
+
+    depth: int
+
+
+class _PathSwitch(Protocol):
+    fused: bool
+
+
+class _SwitchableLayer(Protocol):
+    """A layer as :meth:`CRATE.set_fused` and :attr:`CRATE.fused` read it: attention and ISTA with a ``fused`` flag."""
+
+    @property
+    def attn(self) -> _PathSwitch: ...
+
+    @property
+    def ista(self) -> _PathSwitch: ...
+
+
+def _switchable(blocks: nn.ModuleList) -> Iterable[_SwitchableLayer]:
+    """``blocks`` typed as the layers they are (iterating an ``nn.ModuleList`` gives plain ``nn.Module``)."""
+    return cast("Iterable[_SwitchableLayer]", blocks)
+
+
 class PatchEmbed(nn.Module):
     """Cut an image into patches flattened in ``(p1 p2 c)`` order, then ``LayerNorm -> Linear -> LayerNorm``."""
 
@@ -115,7 +146,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Linear(patch_dim, dim)
         self.norm_out = nn.LayerNorm(dim)
 
-    def grid(self, height: int, width: int) -> tuple[int, int]:
+    def grid(self: _HasPatchSize, height: int, width: int) -> tuple[int, int]:
         """Patch grid ``(h, w)`` of an image of ``height x width`` pixels; raises if not divisible."""
         ph, pw = self.patch_size
         if height < ph or width < pw:
@@ -305,7 +336,7 @@ class ISTA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
             z = x.reshape(-1, x.shape[-1])  # (B*N, dim)
-            weight = self.weight
+            weight: torch.Tensor = self.weight
             device = z.device.type
             if torch.is_autocast_enabled(device) and z.dtype != torch.float64:  # cast as autocast casts a product
                 dtype = torch.get_autocast_dtype(device)
@@ -436,14 +467,14 @@ class CRATE(nn.Module):
 
     def set_fused(self, enabled: bool = True) -> None:
         """Switch every layer between the fused (fast) and explicit (attention-materialising) paths."""
-        for block in self.blocks:
+        for block in _switchable(self.blocks):
             block.attn.fused = enabled
             block.ista.fused = enabled
 
     @property
     def fused(self) -> bool:
         """Whether the fused path is on (in every layer)."""
-        return all(b.attn.fused and b.ista.fused for b in self.blocks)
+        return all(b.attn.fused and b.ista.fused for b in _switchable(self.blocks))
 
     # ------------------------------------------------------------------------------------------------ forward
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -519,7 +550,7 @@ class CRATE(nn.Module):
         spatial = patches.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)  # (B, dim, gh, gw)
         return (spatial, prefix) if with_prefix else spatial
 
-    def _layer_indices(self, indices: int | Sequence[int] | None) -> list[int]:
+    def _layer_indices(self: _HasDepth, indices: int | Sequence[int] | None) -> list[int]:
         if indices is None:
             return list(range(self.depth))
         if isinstance(indices, int):

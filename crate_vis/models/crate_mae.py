@@ -44,15 +44,15 @@ through the ``attend`` softmax (:meth:`CRATEMAE.set_fused`). Encoder blocks are
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .crate import CRATE, MSSA, CRATEBlock, PatchEmbed, to_2tuple
+from .crate import CRATE, MSSA, CRATEBlock, PatchEmbed, _switchable, to_2tuple
 
 __all__ = [
     "CRATEMAE", "CRATEDecoderBlock", "ConvPatchEmbed", "LinearDictionary", "CRATE_MAE_VARIANTS",
@@ -287,6 +287,8 @@ class CRATEMAE(nn.Module):
 
     num_prefix_tokens: int = 1
     num_classes: int = 0
+    pos_embed: torch.Tensor  # buffers (registered in __init__)
+    decoder_pos_embed: torch.Tensor
 
     def __init__(
         self,
@@ -398,18 +400,21 @@ class CRATEMAE(nn.Module):
 
     def set_fused(self, enabled: bool = True) -> None:
         """Switch every encoder and decoder layer between the fused and explicit (attention-materialising) paths."""
-        for block in self.blocks:
+        for block in _switchable(self.blocks):
             block.attn.fused = enabled
             block.ista.fused = enabled
-        for block in self.decoder_blocks:
-            block.attn.fused = enabled
+        for decoder_block in self._decoder_layers():
+            decoder_block.attn.fused = enabled
 
     @property
     def fused(self) -> bool:
         """Whether the fused path is on (in every layer)."""
-        return all(b.attn.fused and b.ista.fused for b in self.blocks) and all(
-            b.attn.fused for b in self.decoder_blocks
+        return all(b.attn.fused and b.ista.fused for b in _switchable(self.blocks)) and all(
+            b.attn.fused for b in self._decoder_layers()
         )
+
+    def _decoder_layers(self) -> Iterable[CRATEDecoderBlock]:
+        return cast("Iterable[CRATEDecoderBlock]", self.decoder_blocks)  # nn.ModuleList yields plain nn.Module
 
     def position_table(self, grid: tuple[int, int]) -> torch.Tensor:
         """Position table ``(1, 1 + gh * gw, dim)`` for a patch grid: the stored ``decoder_pos_embed`` at the training
@@ -591,12 +596,12 @@ class CRATEMAE(nn.Module):
     _format = CRATE._format
     _layer_indices = CRATE._layer_indices
 
-    def _tokens_before(self, x: torch.Tensor, layer: int) -> tuple[nn.Module, torch.Tensor]:
+    def _tokens_before(self, x: torch.Tensor, layer: int) -> tuple[CRATEBlock, torch.Tensor]:
         (index,) = self._layer_indices([layer])
         x = self.embed(x)
         for block in self.blocks[:index]:
             x = block(x)
-        return self.blocks[index], x
+        return cast(CRATEBlock, self.blocks[index]), x
 
     def get_selfattention_enc(self, x: torch.Tensor, layer: int = -1) -> torch.Tensor:
         """Softmax attention ``(B, heads, 1 + N, 1 + N)`` of encoder layer ``layer`` on the unmasked image."""

@@ -26,7 +26,7 @@ import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -239,14 +239,16 @@ def _run_checkpoint_model(obj: Mapping[str, Any], source: str) -> tuple[nn.Modul
         raise CheckpointError(f"{source}: a training checkpoint without its config, classes or weights")
     kwargs = dict(cfg.get("model_kwargs") or {})
     name = str(cfg.get("model"))
+    stored_size: Any = cfg.get("img_size")  # None when missing: int() then raises the TypeError reported below
     try:
         if not (is_registered(name) and model_family(name) == "crate_mae"):  # a masked autoencoder has no classes
             kwargs["num_classes"] = len(classes)
-        model = create_model(name, img_size=int(cfg.get("img_size")), **kwargs)
+        img_size = int(stored_size)
+        model = create_model(name, img_size=img_size, **kwargs)
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{source}: its config does not describe a buildable model ({err})") from None
     load_checkpoint(model, obj["model"], strict=True)
-    return model, {"classes": list(classes), "img_size": int(cfg.get("img_size")), "config": dict(cfg)}
+    return model, {"classes": list(classes), "img_size": img_size, "config": dict(cfg)}
 
 
 def resolve_model(
@@ -277,7 +279,7 @@ def resolve_model(
     """
     dev = resolve_device(device)
     info: dict[str, Any] = {}
-    kwargs = {"num_classes": num_classes} if num_classes is not None else {}
+    kwargs: dict[str, Any] = {"num_classes": num_classes} if num_classes is not None else {}
     if spec is not None and model_name is None and not Path(spec).exists() and is_registered(str(spec)):
         spec, model_name = None, str(spec)
     if model_name is not None and not is_registered(model_name) and spec is None and _is_manifest_name(model_name):
@@ -403,10 +405,10 @@ def convert_checkpoint(
 def model_summary(model: nn.Module, image_hw: tuple[int, int] | None = None) -> dict[str, Any]:
     """Parameters, token geometry, FLOPs and output shape of ``model`` for an input of ``image_hw`` (default: its
     training size): what ``crate-vis info`` prints."""
-    from .geometry import model_input_size, token_geometry
+    from .geometry import ViTLike, model_input_size, token_geometry
 
     hw = tuple(image_hw) if image_hw is not None else tuple(getattr(model, "image_size", None) or (model_input_size(model),) * 2)
-    geo = token_geometry(model, hw)  # type: ignore[arg-type]
+    geo = token_geometry(model, hw)
     info: dict[str, Any] = {
         "model": getattr(model, "model_name", None) or type(model).__name__,
         "family": _family_name(model),
@@ -429,7 +431,8 @@ def model_summary(model: nn.Module, image_hw: tuple[int, int] | None = None) -> 
     device = next(model.parameters()).device
     channels = int(getattr(model, "config", {}).get("channels", 3)) if isinstance(config, dict) else 3
     with torch.no_grad():
-        y = model.forward_head(model.forward_features(torch.zeros(1, channels, *hw, device=device)))
+        trunk = cast(ViTLike, model)
+        y = trunk.forward_head(trunk.forward_features(torch.zeros(1, channels, *hw, device=device)))
     info["output"] = list(y.shape)
     return info
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
+import torch
 from torch import nn
 
 from .crate import CRATE, layer_index, to_2tuple
@@ -11,6 +14,14 @@ from .crate import CRATE, layer_index, to_2tuple
 __all__ = [
     "TokenGeometry", "token_geometry", "model_input_size", "model_patch_size", "num_prefix_tokens", "layer_index",
 ]  # fmt: skip
+
+
+class ViTLike(Protocol):
+    """The trunk methods CRATE-family models and timm ViTs share, for code that holds either as an ``nn.Module``."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -71,7 +82,7 @@ def num_prefix_tokens(model: nn.Module) -> int:
     return int(n)
 
 
-def token_geometry(model: nn.Module, image_hw: tuple[int, int]) -> TokenGeometry:
+def token_geometry(model: nn.Module, image_hw: Sequence[int]) -> TokenGeometry:
     """Token geometry of ``model`` for an input of ``image_hw = (H, W)`` pixels.
 
     Raises:
