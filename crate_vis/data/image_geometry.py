@@ -277,6 +277,7 @@ def plan_geometry(
     elif fit == "pad":
         ih, iw = rh + (-rh) % ph, rw + (-rw) % pw
     else:
+        assert size is not None  # fit="center" without a size is refused above
         if int(size) % ph or int(size) % pw:
             raise UsageError(f"a centred {size}x{size} window is not a whole number of {ph}x{pw} patches")
         rh, rw = max(rh, int(size)), max(rw, int(size))
@@ -359,7 +360,7 @@ def prepare_image(
         pil = pil.convert("RGB")
     geometry = plan_geometry((pil.height, pil.width), patch_size, size, square=square, fit=fit, max_side=max_side)
     rh, rw = geometry.resized_hw
-    resized = pil if (rh, rw) == (pil.height, pil.width) else pil.resize((rw, rh), Image.BICUBIC)
+    resized = pil if (rh, rw) == (pil.height, pil.width) else pil.resize((rw, rh), Image.Resampling.BICUBIC)
     ih, iw = geometry.input_hw
     top, left = geometry.offset
     if (ih, iw) != (rh, rw):
@@ -384,7 +385,7 @@ def shrink_for_display(prepared: PreparedImage, max_side: int | None) -> Prepare
         raise UsageError(f"the display size must be positive, got {max_side}")
     scale = max_side / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))  # PIL order (W, H)
-    small = np.asarray(Image.fromarray(prepared.original).resize(size, Image.LANCZOS), dtype=np.uint8)
+    small = np.asarray(Image.fromarray(prepared.original).resize(size, Image.Resampling.LANCZOS), dtype=np.uint8)
     return replace(prepared, original=small)
 
 

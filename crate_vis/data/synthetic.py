@@ -256,6 +256,7 @@ def render_sample(label: int, image_size: int, rng: np.random.Generator) -> Synt
             best, best_dist = colour, dist
         if dist > 120:
             break
+    assert best is not None  # the first draw always beats best_dist = -1
     base = best
     shade = np.where(base > 127, base * 0.45, base + (255 - base) * 0.55)  # the second shade: darker or lighter
     second = _pattern(pattern, mask, center, radius, angle, rng)

@@ -16,7 +16,7 @@ box of a one-pixel mask at column 3 is ``[3, y, 1, 1]`` (COCO's convention).
 from __future__ import annotations
 
 import abc
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -73,7 +73,7 @@ class SegmentationDataset(Protocol):
     def __len__(self) -> int: ...
 
     @property
-    def image_ids(self) -> list[ImageId]: ...
+    def image_ids(self) -> Sequence[ImageId]: ...
 
     def image_path(self, image_id: ImageId) -> Path: ...
 
@@ -103,7 +103,7 @@ class BaseSegmentationDataset(abc.ABC):
 
     @property
     @abc.abstractmethod
-    def image_ids(self) -> list[ImageId]:
+    def image_ids(self) -> Sequence[ImageId]:
         """Image ids in a stable order."""
 
     @abc.abstractmethod

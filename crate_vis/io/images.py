@@ -318,11 +318,11 @@ def _high_depth_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
         else:
             scaled = np.clip(v, 0.0, 1.0)  # nothing finite: +inf -> 1, -inf -> 0
         return np.rint(np.nan_to_num(scaled, nan=0.0) * 255.0).astype(np.uint8)
-    v = values.astype(np.int64)
-    lo, hi = int(v.min()), int(v.max())
+    ints = values.astype(np.int64)
+    lo, hi = int(ints.min()), int(ints.max())
     if lo >= 0 and hi <= 0xFFFF:
-        return (v >> 8).astype(np.uint8)
-    return np.rint((v - lo) * (255.0 / (hi - lo))).astype(np.uint8)  # hi > lo: the range exceeds 16 bits
+        return (ints >> 8).astype(np.uint8)
+    return np.rint((ints - lo) * (255.0 / (hi - lo))).astype(np.uint8)  # hi > lo: the range exceeds 16 bits
 
 
 def to_array(image: Image.Image, *, background: Sequence[int] | str = DEFAULT_BACKGROUND) -> np.ndarray:

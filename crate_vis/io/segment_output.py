@@ -433,7 +433,7 @@ def load_prediction_masks(folder: str | os.PathLike[str]) -> dict[str, np.ndarra
         if None in files:
             out[stem] = _read_pred_file(files[None])
             continue
-        heads = sorted(files)
+        heads = sorted(k for k in files if k is not None)  # None (a single mask) was handled above
         if heads != list(range(len(heads))):
             raise DatasetError(root, f"prediction {stem!r}", f"head numbers {heads} are not 0..{len(heads) - 1}")
         arrs = [_read_pred_file(files[k]) for k in heads]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -43,7 +43,8 @@ def _fg_jaccard_update(pred: Any, target: Any, ignore: Any = None, empty: float 
     ig = None if ignore is None else to_numpy(ignore)
     _fg_jaccard_validate_args(p, t, ig)
     inter, union, _ = _binary_update(p, t, ig)  # (heads,)
-    u_inter, u_union, _ = _binary_update(p.astype(bool).any(0), t, ig)  # ()
+    any_head = cast(np.ndarray, p.astype(bool).any(0))  # (H, W); NumPy types a reduction as possibly a scalar
+    u_inter, u_union, _ = _binary_update(any_head, t, ig)  # ()
     return {"head_iou": _safe_div(inter, union, empty), "union_iou": _safe_div(u_inter, u_union, empty)}
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -260,7 +260,14 @@ def head_consistency(
 
 
 # ------------------------------------------------------------------------ per-head part scores over a dataset
-def _part_update(attn: Any, fg: Any) -> dict[str, np.ndarray]:
+class _PartStats(TypedDict):
+    inside: np.ndarray  # (heads,)
+    total: np.ndarray  # (heads,)
+    fg_area: np.float64
+    area: np.float64
+
+
+def _part_update(attn: Any, fg: Any) -> _PartStats:
     """One image: attention mass inside the objects and in total per head, and the foreground area.
 
     Returns:
@@ -274,7 +281,7 @@ def _part_update(attn: Any, fg: Any) -> dict[str, np.ndarray]:
     return {"inside": inside.numpy(), "total": total.numpy(), "fg_area": np.float64(f.sum()), "area": np.float64(f.size)}
 
 
-def _part_compute(inside: np.ndarray, total: np.ndarray, fg_area: float, area: float) -> dict[str, Any]:
+def _part_compute(inside: np.ndarray | float, total: np.ndarray | float, fg_area: float, area: float) -> dict[str, Any]:
     """Pooled ratio per head and the chance level (the foreground share of all cells)."""
     if (np.asarray(total) <= 0).any():
         raise ValueError("a head has no attention mass over the dataset")

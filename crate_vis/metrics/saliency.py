@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -44,9 +44,15 @@ def _saliency_validate_args(pred: np.ndarray, target: np.ndarray) -> None:
         raise ValueError(f"saliency maps must lie in [0, 1], got [{pred.min()}, {pred.max()}]")
 
 
+class _SaliencyStats(TypedDict):
+    iou: np.ndarray  # ()
+    accuracy: np.float64
+    fbeta: np.ndarray  # (T,)
+
+
 def _saliency_update(
     pred: Any, target: Any, thresholds: np.ndarray, binarize: float = 0.5, beta2: float = 0.3, empty: float = 1.0
-) -> dict[str, np.ndarray]:
+) -> _SaliencyStats:
     """One image: IoU and accuracy of ``pred >= binarize``; F-beta at each threshold ``(T,)``."""
     p = to_numpy(pred).astype(np.float64)
     t = to_numpy(target).astype(bool)

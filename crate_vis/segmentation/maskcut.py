@@ -587,5 +587,6 @@ def _maskcut_reference(
         out = mask & ~covered  # the reference subtracts its earlier outputs
         covered |= out
         if out.any():
+            assert a is not None  # the first cut builds the graph
             cuts.append((out, 1.0 - ncut_value(a, mask) / 2.0, oriented, seed))
     return _result(cuts, grid, "")

@@ -6,6 +6,7 @@ Grid masks are boolean arrays ``(..., gh, gw)`` over patch tokens (row-major tok
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -70,7 +71,11 @@ def label_components(mask: np.ndarray, connectivity: int = 4) -> tuple[np.ndarra
 def component_at(mask: np.ndarray, index: int | tuple[int, int], connectivity: int = 4) -> np.ndarray:
     """The connected component of ``mask`` containing a pixel (flat index or ``(row, col)``); empty if it is off."""
     m = np.asarray(mask, dtype=bool)
-    rc = np.unravel_index(int(index), m.shape) if np.isscalar(index) else tuple(index)
+    rc: tuple[Any, ...]
+    if np.isscalar(index):  # NumPy's TypeIs for isscalar does not narrow ``int | tuple`` to int
+        rc = np.unravel_index(int(cast(int, index)), m.shape)
+    else:
+        rc = tuple(cast("tuple[int, int]", index))
     labels, _ = label_components(m, connectivity)
     lab = labels[rc]
     if lab == 0:

@@ -65,7 +65,7 @@ def _minmax(v: np.ndarray, axis: int = 0) -> np.ndarray:
     return np.where(span > 0, (v - lo) / np.where(span > 0, span, 1.0), 0.0)
 
 
-def _border(grid: tuple[int, int]) -> np.ndarray:
+def _border(grid: Sequence[int]) -> np.ndarray:
     b = np.zeros(grid, dtype=bool)
     b[0, :] = b[-1, :] = b[:, 0] = b[:, -1] = True
     return b.ravel()
@@ -105,7 +105,7 @@ def pca_foreground(
     return [m.reshape(g) for m, g in zip(np.split(fg, splits), grids)]
 
 
-def _check(feats: list[np.ndarray], grids: list[tuple[int, int]]) -> None:
+def _check(feats: list[np.ndarray], grids: Sequence[Sequence[int]]) -> None:
     if not feats:
         raise ValueError("no features given")
     if len(feats) != len(grids):

@@ -87,6 +87,7 @@ class SegmentConfig:
         """The settings that determine the masks (JSON-ready), only those the method uses."""
         d = asdict(self)
         d["heads"] = list(self.heads) if self.heads is not None else None
+        keep: tuple[str, ...]
         if self.method == "dino":
             keep = ("method", "layer", "mass", "heads", "combine", "largest_component")
         else:
@@ -156,11 +157,14 @@ def segment_batch(
     else:
         per_image = list(feats.double().cpu().numpy())
 
+    tau = config.edge_threshold
+    assert tau is not None  # the cut methods have a default threshold
+
     def cut(f: np.ndarray | torch.Tensor) -> GridSegmentation:
         if config.method == "tokencut":
-            r = tokencut(f, grid, tau=config.edge_threshold, solver=config.solver)
+            r = tokencut(f, grid, tau=tau, solver=config.solver)
         else:
-            r = maskcut(f, grid, tau=config.edge_threshold, max_masks=config.max_masks, solver=config.solver,
+            r = maskcut(f, grid, tau=tau, max_masks=config.max_masks, solver=config.solver,
                         rules=config.cut_rules)  # fmt: skip
         return GridSegmentation(r.masks, r.scores, r.stop_reason)
 

@@ -119,8 +119,8 @@ def image_grid(
     fig = new_figure((width, height))
     W, H = width, height
 
-    def box(x0: float, y0: float, w: float, h: float) -> list[float]:  # inches from top-left -> figure fraction
-        return [x0 / W, 1.0 - (y0 + h) / H, w / W, h / H]
+    def box(x0: float, y0: float, w: float, h: float) -> tuple[float, float, float, float]:
+        return (x0 / W, 1.0 - (y0 + h) / H, w / W, h / H)  # inches from top-left -> figure fraction
 
     for r, row in enumerate(cells):
         h = cell_width * aspects[r]
@@ -130,12 +130,11 @@ def image_grid(
             ax.set_axis_off()
             if img is None:
                 continue
-            kwargs = {"cmap": "gray"} if img.ndim == 2 else {}
             # aspect 'equal' never stretches: a cell whose aspect differs from its row's is letterboxed.
-            ax.imshow(img, interpolation="antialiased", **kwargs)
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="antialiased")
             ax.set_aspect("equal")
-        if row_titles and row_titles[r]:
-            fig.text(box(left - _PAD, row_y[r], 0, h)[0], 1.0 - (row_y[r] + h / 2) / H, row_titles[r],
+        if row_titles and (row_title := row_titles[r]):
+            fig.text(box(left - _PAD, row_y[r], 0, h)[0], 1.0 - (row_y[r] + h / 2) / H, row_title,
                      rotation=90, ha="right", va="center", fontsize=fontsize)  # fmt: skip
     if title:
         fig.text(0.5, 1.0 - (_PAD + title_h / 2) / H, title, ha="center", va="center", fontsize=fontsize * 1.25)
@@ -150,20 +149,20 @@ def image_grid(
                      fontweight="bold")  # fmt: skip
             yl = 1.0 - (y0 + line + _PAD) / H
             fig.add_artist(_hline(x0 / W, x1 / W, yl))
-    if ctitle_h:
+    if ctitle_h and col_titles:
         y0 = _PAD + title_h + group_h
         for c, t in enumerate(col_titles):
             if t:
                 fig.text((col_x[c] + cell_width / 2) / W, 1.0 - (y0 + ctitle_h - _PAD) / H, t, ha="center",
                          va="bottom", fontsize=fontsize)  # fmt: skip
-    if color_h:
+    if color_h and col_colors is not None:
         y0 = top - color_h
         for c, color in enumerate(col_colors):
             if color is not None:
                 ax = fig.add_axes(box(col_x[c], y0, cell_width, 0.05))
                 ax.set_axis_off()
                 ax.imshow(np.asarray(color, dtype=np.uint8).reshape(1, 1, 3), aspect="auto")
-    if footer_h:
+    if footer_h and col_footers:
         y0 = y + _PAD / 2
         for c, t in enumerate(col_footers):
             if t:
@@ -225,8 +224,8 @@ def panel_grid(
     H = y
     fig = new_figure((W, H))
 
-    def box(x0: float, y0: float, w: float, h: float) -> list[float]:
-        return [x0 / W, 1.0 - (y0 + h) / H, w / W, h / H]
+    def box(x0: float, y0: float, w: float, h: float) -> tuple[float, float, float, float]:
+        return (x0 / W, 1.0 - (y0 + h) / H, w / W, h / H)
 
     for r, row in enumerate(rows):
         for c, img in enumerate(row):
@@ -236,10 +235,10 @@ def panel_grid(
                 continue
             ax = fig.add_axes(box(x0, ys[r], cell_width, heights[r]))
             ax.set_axis_off()
-            ax.imshow(img, interpolation="antialiased", **({"cmap": "gray"} if img.ndim == 2 else {}))
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="antialiased")
             ax.set_aspect("equal")
-            if i < len(titles) and titles[i]:
-                fig.text((x0 + cell_width / 2) / W, 1.0 - (ys[r] - color_h - _PAD / 2) / H, titles[i],
+            if i < len(titles) and (panel_title := titles[i]):
+                fig.text((x0 + cell_width / 2) / W, 1.0 - (ys[r] - color_h - _PAD / 2) / H, panel_title,
                          ha="center", va="bottom", fontsize=fontsize)  # fmt: skip
             if i < len(colors) and colors[i] is not None:
                 cax = fig.add_axes(box(x0, ys[r] - color_h, cell_width, 0.05))
