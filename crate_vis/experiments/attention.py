@@ -17,6 +17,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from ..errors import UsageError
 from ..hooks import AttentionRecorder, FeatureRecorder, attention_rollout, resolve_layer, run_until
 from ..io.images import SkipReport, iter_images
 from ..io.segment_output import output_names
-from ..models.geometry import model_input_size, model_patch_size, token_geometry
+from ..models.geometry import ViTLike, model_input_size, model_patch_size, token_geometry
 from ..segmentation.dino import dino_foreground, dino_masks
 
 __all__ = ["ImageAttention", "image_attention", "AttentionConfig", "attention_figures", "collect_images", "model_device"]
@@ -136,7 +137,7 @@ def image_rollout(model: nn.Module, prepared: PreparedImage, discard_ratio: floa
     x = prepared.tensor.unsqueeze(0).to(model_device(model))
     geom = token_geometry(model, prepared.input_hw)
     with AttentionRecorder(model) as rec:
-        model.forward_features(x)
+        cast(ViTLike, model).forward_features(x)
     roll = attention_rollout([a for _, a in rec], discard_ratio=discard_ratio)  # (1, N, N)
     return roll[0, 0, geom.num_prefix_tokens :].reshape(geom.grid).float().cpu().numpy()
 
@@ -255,7 +256,8 @@ def attention_figures(
         fig.clear()
         if config.rollout:
             roll = image_rollout(model, full)
-            fig = rollout_figure(prep.original, roll, prep, title=f"{path.name} · {label}, all {len(list(model.blocks))} layers")
+            depth = len(cast(nn.ModuleList, model.blocks))
+            fig = rollout_figure(prep.original, roll, prep, title=f"{path.name} · {label}, all {depth} layers")
             written.append(save_figure(fig, out_dir / f"{name}_rollout.{config.fmt}", dpi=config.dpi))
             fig.clear()
         if config.pca:

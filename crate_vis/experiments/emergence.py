@@ -40,7 +40,7 @@ import shlex
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -145,6 +145,15 @@ def _build(name: str, image_size: int, num_classes: int, **kwargs: Any) -> nn.Mo
     return create_model(name, num_classes=num_classes, img_size=image_size, **kwargs)
 
 
+class _CRATEWidths(Protocol):
+    """What :func:`matched_vit_kwargs` reads from a CRATE-family model."""
+
+    num_heads: int
+    depth: int
+    embed_dim: int
+    patch_size: tuple[int, int]
+
+
 def matched_vit_kwargs(
     crate: nn.Module, image_size: int, num_classes: int, vit_model: str = "vit_tiny_patch16_224"
 ) -> tuple[dict[str, Any], int]:
@@ -157,10 +166,11 @@ def matched_vit_kwargs(
         ``(kwargs for create_model(vit_model, ...), parameter count)``.
     """
     target = param_count(crate)
-    heads, depth = int(crate.num_heads), int(crate.depth)
-    patch = int(crate.patch_size[0])
+    widths = cast(_CRATEWidths, crate)
+    heads, depth = int(widths.num_heads), int(widths.depth)
+    patch = int(widths.patch_size[0])
     best: tuple[int, dict[str, Any], int] | None = None
-    for width in range(heads * 4, 4 * int(crate.embed_dim) + 1, heads):
+    for width in range(heads * 4, 4 * int(widths.embed_dim) + 1, heads):
         kw = dict(patch_size=patch, embed_dim=width, depth=depth, num_heads=heads)
         with torch.device("meta"):  # shapes only: no memory, no initialisation cost
             n = param_count(_build(vit_model, image_size, num_classes, **kw))
@@ -278,6 +288,7 @@ def train_pair(s: EmergenceSettings) -> tuple[dict[str, TrainedModel], dict[str,
 
     jobs = [("crate", s.crate_model, {}), ("vit", s.vit_model, vit_kwargs)]
     configs = {}
+    assert s.runs is not None  # set by EmergenceSettings.__post_init__
     for name, model_name, kwargs in jobs:
         run_dir = Path(s.runs) / name
         if run_dir.exists():
@@ -287,9 +298,9 @@ def train_pair(s: EmergenceSettings) -> tuple[dict[str, TrainedModel], dict[str,
         configs[name] = _train_config(s, model_name, kwargs, steps, run_dir)
     out: dict[str, TrainedModel] = {}
     if s.parallel:
-        seconds = _train_in_processes(configs)
+        run_seconds = _train_in_processes(configs)
         for name, model_name, kwargs in jobs:
-            out[name] = _collect_run(name, model_name, kwargs, s, seconds[name])
+            out[name] = _collect_run(name, model_name, kwargs, s, run_seconds[name])
     else:
         from crate_vis.train import train
 
@@ -346,6 +357,7 @@ def _collect_run(name: str, model_name: str, kwargs: dict[str, Any], s: Emergenc
     from crate_vis import load_checkpoint
     from crate_vis.train.checkpointing import load_training_state
 
+    assert s.runs is not None  # set by EmergenceSettings.__post_init__
     run_dir = Path(s.runs) / name
     state = load_training_state(run_dir / "last.pt")
     model = _build(model_name, s.image_size, s.classes, **kwargs)
@@ -431,7 +443,7 @@ def score_attention(model: nn.Module, batch: TestBatch, mass: float = 0.6) -> li
     # fraction of each patch covered by the object, for the attention-mass score
     cover = batch.masks.reshape(len(batch.masks), gh, ph, gw, pw).mean(axis=(2, 4)) >= 0.5  # (B, gh, gw)
     out = []
-    for layer in range(int(getattr(model, "depth", len(model.blocks)))):
+    for layer in range(int(getattr(model, "depth", len(cast(nn.ModuleList, model.blocks))))):
         attn = _cls_attention(model, batch.images, layer).float()  # (B, h, gh, gw)
         heads = upsample_masks(dino_masks(attn, mass), geom.patch_size).numpy()  # (B, h, S, S)
         mean_fg = upsample_masks(dino_foreground(attn, mass, combine="mean"), geom.patch_size).numpy()  # (B, S, S)
@@ -518,7 +530,7 @@ def centre_prior_jaccard(masks: np.ndarray) -> float:
 
 def evaluate(model: nn.Module, batch: TestBatch, s: EmergenceSettings) -> dict[str, Any]:
     """Every score of one model on the test batch."""
-    depth = int(getattr(model, "depth", len(model.blocks)))
+    depth = int(getattr(model, "depth", len(cast(nn.ModuleList, model.blocks))))
     attention = score_attention(model, batch, s.mass)
     maskcut_layers = []
     last_masks: list[np.ndarray] = []

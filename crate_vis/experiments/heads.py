@@ -181,15 +181,16 @@ def heads_figure(
         attn = [r["results"][mi].attn[heads] for r in rows]  # (K, gh, gw) per image
         masks = [r["results"][mi].masks[heads] for r in rows]
         feats = [r["results"][mi].features for r in rows]
-        gts = [r["gt"][mi] for r in rows] if gt_source is not None else None
-        scores = head_consistency(attn, masks, feats, gts, head_ids=heads)
+        model_gts = [r["gt"][mi] for r in rows] if gt_source is not None else None
+        scores = head_consistency(attn, masks, feats, model_gts, head_ids=heads)
         print(scores.table(f"{label}, layer {layers[mi]}: per-head consistency over {len(rows)} images"))
         model_scores = {"layer": layers[mi], "overall": scores.rows(), "entropy": scores.entropy}
         if config.by_class:
             for c in dict.fromkeys(r["class"] for r in rows):
                 idx = [i for i, r in enumerate(rows) if r["class"] == c]
                 sub = head_consistency([attn[i] for i in idx], [masks[i] for i in idx], [feats[i] for i in idx],
-                                       [gts[i] for i in idx] if gts is not None else None, head_ids=heads)  # fmt: skip
+                                       [model_gts[i] for i in idx] if model_gts is not None else None,
+                                       head_ids=heads)  # fmt: skip
                 print(sub.table(f"  class {c}"))
                 model_scores[f"class:{c}"] = sub.rows()
         all_scores[label] = model_scores

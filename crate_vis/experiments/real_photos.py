@@ -29,7 +29,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from ..hooks import AttentionRecorder, FeatureRecorder, model_layers
 from ..io.coco import mask_bbox, masks_to_results
 from ..io.images import load_image
 from ..metrics import attention_mass_inside, binary_iou, box_iou, coco_ap
-from ..models.geometry import token_geometry
+from ..models.geometry import ViTLike, token_geometry
 from ..segmentation.dino import dino_foreground, dino_masks
 from ..segmentation.maskcut import maskcut, tokencut
 
@@ -87,7 +87,7 @@ def _layers_of_one_image(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
     geom = token_geometry(model, tuple(x.shape[-2:]))
     depth = len(model_layers(model))
     with AttentionRecorder(model, cls_only=True) as rec, FeatureRecorder(model, features=("subspace",)) as frec:
-        model.forward_features(x)
+        cast(ViTLike, model).forward_features(x)
     attn = torch.stack([rec.attentions[i][0, :, geom.num_prefix_tokens :] for i in range(depth)])  # (L, K, N)
     attn = attn.reshape(depth, attn.shape[1], *geom.grid).float()
     feats = []
@@ -120,7 +120,7 @@ def evaluate_model(model: nn.Module, gt: Any, settings: RealPhotoSettings) -> di
             a = attn[layer]  # (K, gh, gw)
             heads = dino_masks(a[None], settings.mass)[0].numpy()  # (K, gh, gw)
             head_iou = [binary_iou(prep.grid_to_image(h), fg, empty=0.0) for h in heads]
-            union = binary_iou(prep.grid_to_image(heads.any(0)), fg, empty=0.0)
+            union = binary_iou(prep.grid_to_image(cast(np.ndarray, heads.any(0))), fg, empty=0.0)
             mean_mask = dino_foreground(a[None], settings.mass, combine="mean")[0].numpy()
             mass = attention_mass_inside(a, on_grid)  # (K,)
             tc = tokencut(feats[layer].numpy(), prep.grid, tau=settings.tau_tokencut)
@@ -421,7 +421,7 @@ def sweep_segment_defaults(
 
 def findings(results: dict[str, Any], crate: str, vit: str, ground: str = "horses") -> list[str]:
     """Plain sentences on what did and did not emerge, computed from the numbers."""
-    out = []
+    out: list[str] = []
     groups = _groups(results)
     if crate not in groups or vit not in groups:
         return out

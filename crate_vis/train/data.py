@@ -24,7 +24,7 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,6 +32,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data.folders import CIFARDataset, ImageFolderDataset, collate_skip_bad, find_cifar_root
 from .config import TrainConfig
+
+if TYPE_CHECKING:
+    from ..data.cache import CachedImageFolder
+    from ..data.synthetic import SyntheticShapes
 
 __all__ = [
     "DataBundle", "EpochSampler", "SeededSamples", "ShardSampler", "build_transform", "build_datasets", "build_split",
@@ -145,9 +149,10 @@ def build_transform(
             crop_mode=cfg.eval_crop_mode,
         )  # fmt: skip
     primary, secondary, final = create_transform(
-        input_size=size, is_training=True, scale=tuple(cfg.crop_scale), ratio=tuple(cfg.crop_ratio), hflip=cfg.hflip,
-        color_jitter=cfg.color_jitter, auto_augment=cfg.auto_augment, interpolation=cfg.interpolation,
-        re_prob=cfg.re_prob, separate=True,
+        input_size=size, is_training=True, scale=(cfg.crop_scale[0], cfg.crop_scale[1]),
+        ratio=(cfg.crop_ratio[0], cfg.crop_ratio[1]), hflip=cfg.hflip,
+        color_jitter=cfg.color_jitter,  # type: ignore[arg-type]  # timm handles None (no jitter); its hint omits it
+        auto_augment=cfg.auto_augment, interpolation=cfg.interpolation, re_prob=cfg.re_prob, separate=True,
     )  # fmt: skip
     stages: list[Any] = [primary]
     if cfg.rand_augment is not None:
@@ -162,7 +167,7 @@ def build_transform(
     return Compose(stages)
 
 
-def _synthetic(split: str, num_images: int, cfg: TrainConfig, transform: Callable[[Any], Any]) -> Dataset:
+def _synthetic(split: str, num_images: int, cfg: TrainConfig, transform: Callable[[Any], Any]) -> SyntheticShapes:
     try:
         from ..data.synthetic import SyntheticShapes
     except ImportError as err:
@@ -176,7 +181,7 @@ def _synthetic(split: str, num_images: int, cfg: TrainConfig, transform: Callabl
 def build_split(
     data: str, split: str, transform: Callable[[Any], Any] | None, cfg: TrainConfig | None = None,
     classes: Sequence[str] | None = None,
-) -> Dataset:
+) -> ImageFolderDataset | CIFARDataset | SyntheticShapes:
     """One split of a data source (used by evaluation too).
 
     Args:
@@ -213,7 +218,7 @@ def build_split(
 def _cached_split(
     cfg: TrainConfig, split: str, transform: Callable[[Any], Any], size: int, resample: str,
     classes: Sequence[str] | None = None,
-) -> Dataset:
+) -> CachedImageFolder:
     from ..data.cache import CachedImageFolder, open_cache
 
     cache = open_cache(cfg.data, split, size, classes=classes, resample=resample, cache_dir=cfg.cache_dir,

@@ -30,10 +30,10 @@ import io
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +62,9 @@ from .distributed import (
 )  # fmt: skip
 from .mae import MaskedSamples, build_unlabelled_datasets, resolve_objective
 from .runlock import RunLock
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 __all__ = [
     "MAE_METRIC_COLUMNS", "METRIC_COLUMNS", "NonFiniteLossError", "TrainResult", "Trainer", "build_model",
@@ -172,6 +175,11 @@ def build_model(cfg: TrainConfig, num_classes: int | None) -> nn.Module:
     return model
 
 
+def _size(dataset: Dataset) -> int:
+    """``len(dataset)``: every dataset here has one, but ``torch.utils.data.Dataset`` does not declare it."""
+    return len(cast(Sized, dataset))
+
+
 def _unreadable_summary(skipped: dict[str, str]) -> str:
     lines = [f"{len(skipped)} unreadable image(s) skipped:"]
     lines += [f"  {p}: {r}" for p, r in sorted(skipped.items())]
@@ -240,15 +248,16 @@ class Trainer:
             # no buffers need syncing in the forward pass (LayerNorm only): skip that collective (newer PyTorch
             # spells the option forward_sync_buffers)
             ddp = nn.parallel.DistributedDataParallel
+            no_sync: dict[str, Any]
             no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
                        else {"broadcast_buffers": False})  # fmt: skip
             # CRATE-MAE's decoder_embed is never applied (see crate_vis.models.crate_mae), so its parameters get no
             # gradient; DDP must be told, as the MAE codebase's main_pretrain.py does.
             self.train_model = ddp(self.model, device_ids=ids, find_unused_parameters=self.mae, **no_sync)
         if cfg.compile:
-            self.train_model = torch.compile(self.train_model)
+            self.train_model = cast(nn.Module, torch.compile(self.train_model))  # an OptimizedModule
 
-        self.train_sampler = EpochSampler(len(self.data.train), cfg.seed, self.dist.rank, self.dist.world_size,
+        self.train_sampler = EpochSampler(_size(self.data.train), cfg.seed, self.dist.rank, self.dist.world_size,
                                           keyed=True)  # fmt: skip
         drop_last = cfg.drop_last or cfg.mixup_active
         if cfg.mixup_active and self.local_batch % 2:
@@ -301,7 +310,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.skipped: dict[str, str] = {}
         self._record_skipped(self.data.skipped)  # files a decoded cache left out
-        self.writer = None
+        self.writer: SummaryWriter | None = None
         self.saved_at: str | None = None  # what last.pt holds, for messages
         if cfg.resume:
             self._resume()
@@ -399,7 +408,7 @@ class Trainer:
 
         warmup = min(round(self.cfg.warmup_epochs * self.steps_per_epoch), max(self.total_steps - 1, 0))
         self.warmup_steps = warmup
-        common = dict(warmup_t=warmup, warmup_lr_init=self.cfg.warmup_lr, t_in_epochs=False)
+        common: dict[str, Any] = dict(warmup_t=warmup, warmup_lr_init=self.cfg.warmup_lr, t_in_epochs=False)
         if self.cfg.scheduler == "cosine":
             # warm-up first, then a full cosine over the remaining steps
             return CosineLRScheduler(
@@ -750,7 +759,7 @@ class Trainer:
                     else f"{len(self.classes)} classes")  # fmt: skip
             log.info("training %s (%.2fM parameters) on %s: %d train / %s val images, %s, %d steps of %d "
                      "images on %d process(es), device %s", cfg.model, n_params / 1e6, cfg.data or self.data.source,
-                     len(self.data.train), len(self.data.val) if self.data.val is not None else 0, task,
+                     _size(self.data.train), _size(self.data.val) if self.data.val is not None else 0, task,
                      self.total_steps, cfg.batch_size, self.dist.world_size, self.device)  # fmt: skip
         try:
             while self.epoch < cfg.epochs and self.step < self.total_steps:
