@@ -20,7 +20,7 @@ from .models import (
     token_geometry,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Public names provided by sub-modules that import heavier dependencies; resolved on first access.
 _LAZY: dict[str, str] = {

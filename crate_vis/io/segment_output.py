@@ -51,6 +51,9 @@ __all__ = [
 #: Version of the per-image record layout.
 SCHEMA = 2
 
+#: Decimals of the mask scores written.
+SCORE_DECIMALS = 6
+
 #: ``<stem>[_mask|_masks][_head<k>|<k>].(png|npy)`` of a plain prediction folder.
 PREDICTION_PATTERN = re.compile(r"^(?P<stem>.+?)(?:_masks?)?(?:_head(?P<head>\d+)|(?<=_mask)(?P<num>\d+))?$")
 
@@ -154,7 +157,9 @@ def write_image(
     for k, (m, s) in enumerate(zip(masks, scores)):
         rel = f"masks/{item.name}_{k}.png"
         _save_png(out / rel, m.astype(np.uint8) * 255)
-        entry = result_entry(item.image_id, m, float(s))
+        # scores rounded to 6 decimals: float noise of batch composition (which images share a forward pass) must
+        # not make a sharded run's files differ from a single process's
+        entry = result_entry(item.image_id, m, round(float(s), SCORE_DECIMALS))
         entries.append({"file": rel, **{key: entry[key] for key in ("score", "bbox", "area", "segmentation")}})
     if overlay is not None:
         _save_overlay(out / "overlays" / f"{item.name}.{overlay_format}", overlay, overlay_format)
