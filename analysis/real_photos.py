@@ -85,8 +85,8 @@ def export_default(weights: str, dest: Path, results: dict, sweep: dict, run_dir
 def new_user_run(weights: Path, horses: Path) -> dict:
     """``crate-vis segment HORSES --out TMP`` with the default (no flags), scored as a user would."""
     from crate_vis.experiments.score import ScoreConfig, score_predictions
-    from crate_vis.experiments.segment import SegmentRunConfig, recommended_settings, segment_images
-    from crate_vis.models import resolve_model
+    from crate_vis.experiments.segment import SegmentRunConfig, segment_images
+    from crate_vis.models import recommended_settings, resolve_model
     from crate_vis.segmentation.run import SegmentConfig
 
     model = resolve_model(str(weights), device="cpu")

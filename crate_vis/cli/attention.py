@@ -22,7 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     parser.add_argument("--out", "-o", required=True, help="output folder (one figure per image, named after it)")
     add_model_args(parser)
-    parser.add_argument("--layer", "-l", type=int, default=-1, help="layer index, negative counts from the end")
+    parser.add_argument("--layer", "-l", type=int, default=None,
+                        help="layer index, negative counts from the end (default: the layer the weights recommend, "
+                             "else the last)")  # fmt: skip
     parser.add_argument("--img-size", type=int, default=None,
                         help="short side of the model input in pixels (default: the model's training size)")  # fmt: skip
     parser.add_argument("--max-side", type=int, default=2048,

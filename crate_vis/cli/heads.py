@@ -25,7 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIR", help="image files or folders")
     parser.add_argument("--out", "-o", required=True, help="figure path (.png, .pdf or .svg)")
     add_model_args(parser, allow_many=True)
-    parser.add_argument("--layer", "-l", type=int, default=-1, help="layer index, negative counts from the end")
+    parser.add_argument("--layer", "-l", type=int, default=None,
+                        help="layer index, negative counts from the end (default: the layer the weights recommend, "
+                             "else the last)")  # fmt: skip
     parser.add_argument("--heads", default=None, help="comma-separated head indices to show, e.g. 0,1,3,4 (default all)")
     parser.add_argument("--by-class", action="store_true",
                         help="group rows by class: the first folder level under each folder given (ImageFolder)")  # fmt: skip

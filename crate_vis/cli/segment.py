@@ -90,9 +90,9 @@ def run(args: argparse.Namespace) -> int:
         local_device,
         merge_shards,
         parse_shard,
-        recommended_settings,
         segment_images,
     )
+    from ..models import recommended_settings
     from ..segmentation.run import SegmentConfig, parse_heads
 
     if args.merge:

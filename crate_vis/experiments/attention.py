@@ -29,6 +29,7 @@ from ..errors import UsageError
 from ..hooks import AttentionRecorder, FeatureRecorder, attention_rollout, resolve_layer, run_until
 from ..io.images import SkipReport, iter_images
 from ..io.segment_output import output_names
+from ..models import recommended_settings
 from ..models.geometry import ViTLike, model_input_size, model_patch_size, token_geometry
 from ..segmentation.dino import dino_foreground, dino_masks
 
@@ -144,9 +145,13 @@ def image_rollout(model: nn.Module, prepared: PreparedImage, discard_ratio: floa
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """Settings of :func:`attention_figures` (the flags of ``crate-vis attention``)."""
+    """Settings of :func:`attention_figures` (the flags of ``crate-vis attention``).
 
-    layer: int = -1
+    ``layer`` and ``size`` left at ``None`` take the weights' recommended settings
+    (:func:`crate_vis.models.recommended_settings`), else the last layer and the model's training size.
+    """
+
+    layer: int | None = None
     size: int | None = None
     square: bool = False
     max_side: int | None = DEFAULT_MAX_INPUT_SIDE
@@ -220,7 +225,9 @@ def attention_figures(
     from ..viz.plots import attention_figure, model_label, pca_figure, pca_rgb_image, rollout_figure, save_figure
 
     paths = collect_images(inputs)
-    layer = resolve_layer(model, config.layer)
+    recommended = recommended_settings(model)
+    layer = resolve_layer(model, config.layer if config.layer is not None else recommended.get("layer", -1))
+    size = config.size if config.size is not None else recommended.get("img_size")
     out_dir = Path(out)
     names = dict(zip(paths, output_names(paths)))
     mode = "bilinear" if config.smooth else "nearest"
@@ -228,7 +235,7 @@ def attention_figures(
     label = model_label(model)
     for path, image in iter_images(paths, report):
         try:
-            res = image_attention(model, image, layer=layer, size=config.size, mass=config.mass, features=config.pca,
+            res = image_attention(model, image, layer=layer, size=size, mass=config.mass, features=config.pca,
                                   square=config.square, max_side=config.max_side)  # fmt: skip
         except (ValueError, RuntimeError) as err:  # e.g. a photo smaller than one patch
             report.add(path, str(err))

@@ -24,6 +24,7 @@ from ..hooks import layer_heads, resolve_heads, resolve_layer
 from ..io.atomic import atomic_write_json
 from ..io.images import SkipReport, iter_images, list_images
 from ..metrics.parts import head_consistency, part_assignment
+from ..models import recommended_settings
 from .attention import image_attention
 
 __all__ = ["HeadsConfig", "heads_figure", "select_images"]
@@ -33,9 +34,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class HeadsConfig:
-    """Settings of :func:`heads_figure` (the flags of ``crate-vis heads``)."""
+    """Settings of :func:`heads_figure` (the flags of ``crate-vis heads``).
 
-    layer: int = -1
+    ``layer`` and ``size`` left at ``None`` take each model's recommended settings
+    (:func:`crate_vis.models.recommended_settings`), else the last layer and the model's training size.
+    """
+
+    layer: int | None = None
     heads: tuple[int, ...] | None = None
     by_class: bool = False
     per_class: int = 3
@@ -142,7 +147,10 @@ def heads_figure(
     wanted = list(config.heads) if config.heads is not None else None
     selection = select_images(list(map(str, inputs)), config.by_class, config.per_class, config.max_images)
     labels = _unique([model_label(m) for m in models])
-    layers = [resolve_layer(m, config.layer) for m in models]
+    recommended = [recommended_settings(m) for m in models]
+    layers = [resolve_layer(m, config.layer if config.layer is not None else r.get("layer", -1))
+              for m, r in zip(models, recommended)]  # fmt: skip
+    sizes = [config.size if config.size is not None else r.get("img_size") for r in recommended]
     # Validate the head selection before any image runs.
     head_sets = [resolve_heads(wanted, layer_heads(m, ly)) for m, ly in zip(models, layers)]
     gt_source = _ground_truth(config.gt)
@@ -152,8 +160,8 @@ def heads_figure(
     rows: list[dict[str, Any]] = []  # per image: photo, class, and per model its attention
     for path, image in iter_images([p for p, _ in selection], report):
         try:
-            results = [image_attention(m, image, layer=ly, size=config.size, mass=config.mass, features=True,
-                                       max_side=config.max_side) for m, ly in zip(models, layers)]  # fmt: skip
+            results = [image_attention(m, image, layer=ly, size=sz, mass=config.mass, features=True,
+                                       max_side=config.max_side) for m, ly, sz in zip(models, layers, sizes)]  # fmt: skip
         except (ValueError, RuntimeError) as err:  # e.g. a photo smaller than one patch
             report.add(path, str(err))
             continue
@@ -175,7 +183,7 @@ def heads_figure(
         return [], report
 
     blocks = []
-    all_scores: dict[str, Any] = {"layer": config.layer, "mass": config.mass, "images": [str(r["path"]) for r in rows]}
+    all_scores: dict[str, Any] = {"layer": layers[0] if len(set(layers)) == 1 else layers, "mass": config.mass, "images": [str(r["path"]) for r in rows]}
     for mi, (_model, label) in enumerate(zip(models, labels)):
         heads = head_sets[mi]
         attn = [r["results"][mi].attn[heads] for r in rows]  # (K, gh, gw) per image

@@ -59,7 +59,6 @@ from ..segmentation.run import SegmentConfig, segment_batch
 
 __all__ = [
     "SegmentRunConfig", "collect_inputs", "segment_images", "merge_shards", "weights_digest", "parse_shard", "local_device",
-    "recommended_settings",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -272,14 +271,6 @@ def _distributed() -> tuple[int, int, int] | None:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
     return None
-
-
-def recommended_settings(model: nn.Module) -> dict[str, Any]:
-    """The segment settings the weights recommend (``metadata.segment`` of their config: ``method``, ``layer``,
-    ``img_size``, ``mass``, ``tau``, ``max_masks``), chosen when they were released; empty when they say nothing."""
-    meta = (getattr(model, "pretrained_config", None) or {}).get("metadata") or {}
-    rec = meta.get("segment") or {}
-    return {k: rec[k] for k in ("method", "layer", "img_size", "mass", "tau", "max_masks") if k in rec}
 
 
 def local_device() -> str | None:

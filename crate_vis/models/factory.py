@@ -50,7 +50,7 @@ from .registry import (
     unknown_model_message,
 )
 
-__all__ = ["create_model", "build_from_config", "load_model", "resolve_model", "resolve_device"]
+__all__ = ["create_model", "build_from_config", "load_model", "resolve_model", "resolve_device", "recommended_settings"]
 
 log = logging.getLogger(__name__)
 
@@ -400,6 +400,21 @@ def convert_checkpoint(
     layout = "official" if is_official_layout(sd) else report.layout
     path = save_model(model, out, metadata={"converted_from": str(source), "layout": report.layout})
     return path, model, layout
+
+
+def recommended_settings(model: nn.Module) -> dict[str, Any]:
+    """The settings the weights recommend for segmenting and viewing their attention: ``metadata.segment`` of their
+    config (``method``, ``layer``, ``img_size``, ``mass``, ``tau``, ``max_masks``), chosen when they were released and
+    used by ``segment``, ``attention`` and ``heads`` where no flag is given; empty when the weights say nothing.
+
+    Example:
+        >>> from crate_vis.models import create_model, recommended_settings
+        >>> recommended_settings(create_model("crate_test_patch8_32"))
+        {}
+    """
+    meta = (getattr(model, "pretrained_config", None) or {}).get("metadata") or {}
+    rec = meta.get("segment") or {}
+    return {k: rec[k] for k in ("method", "layer", "img_size", "mass", "tau", "max_masks") if k in rec}
 
 
 def model_summary(model: nn.Module, image_hw: tuple[int, int] | None = None) -> dict[str, Any]:
