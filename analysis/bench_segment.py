@@ -112,7 +112,7 @@ def bench_maskcut(images: list[Path], cutler: types.SimpleNamespace | None) -> l
         times["crate-vis cutler rules (dense)"].append(time.perf_counter() - t0)
         if cutler is not None:
             t0 = time.perf_counter()
-            _, bipartitions, _ = cutler.maskcut_forward(f.T.contiguous(), [60, 60], [8, 8], [480, 480], tau=0.15, N=3,
+            _, bipartitions, _ = cutler.maskcut_forward(f.T.contiguous(), [60, 60], [1, 1], [60, 60], tau=0.15, N=3,
                                                         cpu=True)  # fmt: skip
             times["CutLER maskcut_forward"].append(time.perf_counter() - t0)
             ref = [np.asarray(b, bool) for b in bipartitions if np.asarray(b).any()]
@@ -143,6 +143,7 @@ def main() -> None:
     parser.add_argument("--cutler", type=Path, default=None, help="CutLER's maskcut/maskcut.py (read at run time)")
     parser.add_argument("--tokencut", type=Path, default=None, help="TokenCut's unsupervised_saliency_detection/")
     parser.add_argument("--methods", default="dino,tokencut,maskcut")
+    parser.add_argument("--parts", default="processes,maskcut", help="which tables (default both)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     images = sorted((COCO128 / "train2017").glob("*.jpg"))[: args.images]
@@ -150,18 +151,21 @@ def main() -> None:
         raise SystemExit(f"{COCO128} not found: the benchmark reads its photos from ../shared/data")
     from crate_vis import create_model, save_model
 
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        weights = save_model(create_model("crate_seg_small_patch8_224"), Path(tmp) / "w").parent
-        rows = bench_processes(images, weights, args.methods.split(","))
+    parts = args.parts.split(",")
     print(f"torch {torch.__version__}; {len(images)} COCO128 photos at 480x480 px, patch 8 (3,600 tokens); "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")  # fmt: skip
-    print(_table(["method", "1 process img/s", "2 processes img/s", "speed-up", "merged == single"],
-                 [[m, f"{a:.2f}", f"{b:.2f}", f"{b / a:.2f}x", str(same)] for m, a, b, same in rows]))  # fmt: skip
-    cutler = load_cutler(args.cutler, args.tokencut) if args.cutler and args.tokencut else None
-    print()
-    print(_table(["MaskCut, 3 masks, tau 0.15, same features", "s/image", "vs CutLER", ""],
-                 bench_maskcut(images[: min(len(images), 6)], cutler)))  # fmt: skip
+    if "processes" in parts:
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.manual_seed(0)
+            weights = save_model(create_model("crate_seg_small_patch8_224"), Path(tmp) / "w").parent
+            rows = bench_processes(images, weights, args.methods.split(","))
+        print(_table(["method", "1 process img/s", "2 processes img/s", "speed-up", "merged == single"],
+                     [[m, f"{a:.2f}", f"{b:.2f}", f"{b / a:.2f}x", str(same)] for m, a, b, same in rows]))  # fmt: skip
+        print()
+    if "maskcut" in parts:
+        cutler = load_cutler(args.cutler, args.tokencut) if args.cutler and args.tokencut else None
+        print(_table(["MaskCut, 3 masks, tau 0.15, same features (masks at the 60x60 grid)", "s/image", "vs CutLER",
+                      ""], bench_maskcut(images[: min(len(images), 6)], cutler)))  # fmt: skip
 
 
 if __name__ == "__main__":
