@@ -75,8 +75,7 @@ def export_default(weights: str, dest: Path, results: dict, sweep: dict, run_dir
         "val_top1": train["val_top1_last"],
         "classes": info.get("classes"),
         "img_size": 96,
-        "segment": {"method": best["method"], "layer": best["layer"], "img_size": best["size"],
-                    **({"max_masks": 1} if best["method"] == "maskcut" else {})},
+        "segment": rp.segment_settings(best),
         "horses_jaccard": round(best["jaccard"], 4),
     }
     return save_model(model, dest, metadata=metadata).parent
@@ -91,7 +90,8 @@ def new_user_run(weights: Path, horses: Path) -> dict:
 
     model = resolve_model(str(weights), device="cpu")
     rec = recommended_settings(model)
-    segment = SegmentConfig(method=rec["method"], layer=rec["layer"], max_masks=rec.get("max_masks", 3))
+    segment = SegmentConfig(method=rec["method"], layer=rec["layer"], max_masks=rec.get("max_masks", 3),
+                            tau=rec.get("tau"), mass=rec.get("mass", 0.6))  # as `crate-vis segment` fills them in
     config = SegmentRunConfig(segment=segment, size=rec["img_size"], progress=False, overlay=None)
     with tempfile.TemporaryDirectory() as tmp:
         segment_images([horses], model, Path(tmp) / "seg", config)

@@ -99,13 +99,28 @@ def test_evaluate_model_scores_every_layer_and_head_within_bounds(tiny_crate, sm
 
 def test_sweep_chooses_the_best_row_and_checks_it_on_held_out_halves(tiny_crate, small_coco, tmp_path):
     settings = rp.RealPhotoSettings(runs=[], grounds={}, out=tmp_path)
-    sweep = rp.sweep_segment_defaults(tiny_crate, COCODataset(small_coco), [32, 48], settings)
-    assert len(sweep["table"]) == 2 * tiny_crate.depth * 3
+    sweep = rp.sweep_segment_defaults(tiny_crate, COCODataset(small_coco), [32, 48], settings, taus=(0.1, 0.2),
+                                      masses=(0.6,))  # fmt: skip
+    assert len(sweep["table"]) == 2 * tiny_crate.depth * (1 + 2 + 2)
     assert sweep["best"]["jaccard"] == max(r["jaccard"] for r in sweep["table"])
     assert len(sweep["split_half"]) == 2
     for half in sweep["split_half"]:
         assert half["chosen"]["size"] in (32, 48) and half["chosen"]["method"] in ("dino", "tokencut", "maskcut")
         assert 0.0 <= half["held_out"] <= 1.0
+    # The sweep's dino row at mass 0.6 is the experiment's "DINO mask, mean of heads" at the same size and layer.
+    res = rp.evaluate_model(tiny_crate, COCODataset(small_coco), rp.RealPhotoSettings([], {}, tmp_path, size=32))
+    for r in sweep["table"]:
+        if r["size"] == 32 and r["method"] == "dino":
+            assert r["jaccard"] == pytest.approx(res["layers"][r["layer"]]["dino_mean_attention"], abs=1e-12)
+        if r["size"] == 32 and r["method"] == "tokencut" and r["threshold"] == 0.2:
+            assert r["jaccard"] == pytest.approx(res["layers"][r["layer"]]["tokencut"], abs=1e-12)
+
+
+def test_segment_settings_name_the_threshold_flag():
+    assert rp.segment_settings({"method": "dino", "threshold": 0.5, "layer": 2, "size": 96}) == {
+        "method": "dino", "layer": 2, "img_size": 96, "mass": 0.5}
+    assert rp.segment_settings({"method": "maskcut", "threshold": 0.2, "layer": 4, "size": 128}) == {
+        "method": "maskcut", "layer": 4, "img_size": 128, "tau": 0.2, "max_masks": 1}
 
 
 def test_run_writes_json_report_and_figure_for_random_initialisations(tiny_crate, small_coco, tmp_path):
@@ -126,9 +141,14 @@ def test_run_writes_json_report_and_figure_for_random_initialisations(tiny_crate
     assert scores["dino_mean_attention"]["kind"].startswith("t-interval over 2")
     fig = rp.layer_curves(results, "toy", ["random init"], out / "layers.png")
     assert fig.stat().st_size > 1000
-    report = rp.write_report(results, out, ["random init"], "random init", "nothing", figures=[fig.name])
+    sweep = rp.sweep_segment_defaults(tiny_crate, COCODataset(small_coco), [32], settings, taus=(0.2,), masses=(0.6,))
+    report = rp.write_report(results, out, ["random init"], "random init", "nothing", figures=[fig.name],
+                             sweep={"ground": "toy", **sweep})  # fmt: skip
     text = report.read_text()
     assert "## toy (4 images)" in text and "random init" in text and "![layers.png](layers.png)" in text
+    best = sweep["best"]
+    assert f"Chosen: `--method {best['method']} --layer {best['layer']} --img-size 32" in text
+    assert f"**{best['jaccard']:.3f}**" in text  # the chosen cell is marked in the table
 
 
 def test_random_initialisation_is_reproducible(tiny_crate, tmp_path):

@@ -26,7 +26,7 @@ import logging
 import math
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -40,13 +40,13 @@ from ..hooks import AttentionRecorder, FeatureRecorder, model_layers
 from ..io.coco import mask_bbox, masks_to_results
 from ..io.images import load_image
 from ..metrics import attention_mass_inside, binary_iou, box_iou, coco_ap
-from ..models.geometry import ViTLike, token_geometry
+from ..models.geometry import ViTLike, model_patch_size, token_geometry
 from ..segmentation.dino import dino_foreground, dino_masks
 from ..segmentation.maskcut import maskcut, tokencut
 
 __all__ = [
     "ModelRun", "RealPhotoSettings", "evaluate_model", "ellipse_prior", "run_real_photos", "interval",
-    "sweep_segment_defaults", "write_report", "layer_curves", "findings", "group_scores",
+    "sweep_segment_defaults", "segment_settings", "write_report", "layer_curves", "findings", "group_scores",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -99,8 +99,6 @@ def _layers_of_one_image(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
 
 def evaluate_model(model: nn.Module, gt: Any, settings: RealPhotoSettings) -> dict[str, Any]:
     """Every score of one model on one ground truth (a :class:`~crate_vis.groundtruth.COCODataset`)."""
-    from ..models.geometry import model_patch_size
-
     model.eval()
     patch = model_patch_size(model)
     depth = len(model_layers(model))
@@ -399,33 +397,67 @@ def layer_curves(results: dict[str, Any], ground: str, groups: Sequence[str], pa
 
 
 def sweep_segment_defaults(
-    model: nn.Module, gt: Any, sizes: Sequence[int], settings: RealPhotoSettings
+    model: nn.Module,
+    gt: Any,
+    sizes: Sequence[int],
+    settings: RealPhotoSettings,
+    taus: Sequence[float] = (0.1, 0.15, 0.2, 0.25, 0.3),
+    masses: Sequence[float] = (0.4, 0.5, 0.6, 0.7, 0.8),
 ) -> dict[str, Any]:
-    """Jaccard of each (input size, method, layer) of one model on one ground truth, and the best choice.
+    """Jaccard of each (input size, method, its threshold, layer) of one model on one ground truth, and the best.
 
-    Methods are those ``crate-vis segment`` writes one mask per image with: ``dino`` (the mask of the head-averaged
-    attention), ``tokencut`` (the official rule) and ``maskcut`` with one mask (TokenCut's cut with MaskCut's corner
-    rule, an object-centric prior, at MaskCut's tau).
+    Methods are those ``crate-vis segment`` writes one mask per image with, computed as it computes them: ``dino``
+    (the mask of the head-averaged attention) at each attention mass in ``masses``, ``tokencut`` (the official rule)
+    and ``maskcut`` with one mask (TokenCut's cut with MaskCut's corner rule, an object-centric prior) at each graph
+    threshold in ``taus``. The model runs once per image and size; the masks are made from the same features.
     """
-    from dataclasses import replace
-
-    table = []
-    per_image: list[np.ndarray] = []
+    model.eval()
+    patch = model_patch_size(model)
+    ids = list(gt.image_ids)[: settings.max_images]
+    keys: list[dict[str, Any]] = []
+    per_image: list[list[float]] = []
     for size in sizes:
-        res = evaluate_model(model, gt, replace(settings, size=size))
-        for lay in res["layers"]:
-            for method, key in (("dino", "dino_mean_attention"), ("tokencut", "tokencut"), ("maskcut", "maskcut_first")):
-                table.append({"size": size, "method": method, "layer": lay["layer"], "jaccard": lay[key]})
-                per_image.append(np.asarray(lay["per_image"][key], dtype=np.float64))
-    best = max(table, key=lambda r: r["jaccard"])
+        rows: dict[tuple[str, float, int], list[float]] = {}
+        for image_id in ids:
+            prep = prepare_image(load_image(gt.image_path(image_id)), patch, size)
+            fg = gt.foreground(image_id)
+            attn, feats = _layers_of_one_image(model, prep.tensor[None].to(next(model.parameters()).device))
+            attn, feats = attn.cpu(), feats.cpu()
+            for layer in range(attn.shape[0]):
+                f = feats[layer].numpy()
+                for mass in masses:
+                    mask = dino_foreground(attn[layer][None], mass, combine="mean")[0].numpy()
+                    rows.setdefault(("dino", mass, layer), []).append(binary_iou(prep.grid_to_image(mask), fg, empty=0.0))
+                for tau in taus:
+                    for method, cut in (("tokencut", tokencut(f, prep.grid, tau=tau)),
+                                        ("maskcut", maskcut(f, prep.grid, tau=tau, max_masks=1))):  # fmt: skip
+                        mask = prep.grid_to_image(cut.masks[0]) if len(cut.masks) else np.zeros(fg.shape, bool)
+                        rows.setdefault((method, tau, layer), []).append(binary_iou(mask, fg, empty=0.0))
+        for (method, threshold, layer), values in rows.items():
+            keys.append({"size": size, "method": method, "threshold": threshold, "layer": layer})
+            per_image.append(values)
+    scores = np.asarray(per_image, dtype=np.float64)  # (settings, images)
+    table = [{**k, "jaccard": float(v)} for k, v in zip(keys, scores.mean(1))]
+    best = table[int(scores.mean(1).argmax())]
     # How optimistic is choosing on the images scored? Choose on one half of the images, score on the other.
-    scores = np.stack(per_image)  # (settings, images)
     halves = []
     for pick, held in ((slice(0, None, 2), slice(1, None, 2)), (slice(1, None, 2), slice(0, None, 2))):
         i = int(scores[:, pick].mean(1).argmax())
-        halves.append({"chosen": {k: table[i][k] for k in ("size", "method", "layer")},
-                       "chosen_on": float(scores[i, pick].mean()), "held_out": float(scores[i, held].mean())})
-    return {"table": table, "best": best, "split_half": halves}
+        halves.append({"chosen": keys[i], "chosen_on": float(scores[i, pick].mean()),
+                       "held_out": float(scores[i, held].mean())})  # fmt: skip
+    return {"table": table, "best": best, "split_half": halves, "images": len(ids)}
+
+
+def segment_settings(best: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``metadata.segment`` record of a sweep's best row (what ``crate-vis segment`` reads back)."""
+    out: dict[str, Any] = {"method": best["method"], "layer": best["layer"], "img_size": best["size"]}
+    if best["method"] == "dino":
+        out["mass"] = best["threshold"]
+    else:
+        out["tau"] = best["threshold"]
+    if best["method"] == "maskcut":
+        out["max_masks"] = 1
+    return out
 
 
 def findings(results: dict[str, Any], crate: str, vit: str, ground: str = "horses") -> list[str]:
@@ -480,25 +512,30 @@ def write_report(results: dict[str, Any], out: Path, order: Sequence[str], crate
         lines += ["## Choosing `crate-vis segment`'s defaults for the photo model", ""]
         lines += [f"On the {sweep['ground']} images (the development split the shared folder provides: nothing else "
                   "was used to choose), the Jaccard of the one mask per image that `segment` writes, by input size, "
-                  "method and layer:", ""]  # fmt: skip
-        sizes = sorted({r["size"] for r in sweep["table"]})
+                  "method, its threshold (`--mass` for dino, `--tau` for the cuts) and layer; maskcut is MaskCut with "
+                  "one mask (its first cut):", ""]  # fmt: skip
         layers = sorted({r["layer"] for r in sweep["table"]})
-        lines += ["| size | method | " + " | ".join(f"layer {i}" for i in layers) + " |",
-                  "|---|---|" + "---|" * len(layers)]  # fmt: skip
-        for size in sizes:
-            for method in ("dino", "tokencut", "maskcut"):
-                vals = {r["layer"]: r["jaccard"] for r in sweep["table"] if r["size"] == size and r["method"] == method}
-                lines.append(f"| {size} | {method} | " + " | ".join(f"{vals[i]:.3f}" for i in layers) + " |")
-        flag = " --max-masks 1" if best["method"] == "maskcut" else ""
-        lines += ["", "(maskcut: one mask, the first cut.)", "",
-                  f"Chosen: `--method {best['method']}{flag} --layer {best['layer']} --img-size {best['size']}` "
-                  f"({best['jaccard']:.3f}); the weights carry these settings, so `crate-vis segment` uses them "
-                  "when no flag is given.", ""]  # fmt: skip
+        lines += ["| size | method | threshold | " + " | ".join(f"layer {i}" for i in layers) + " |",
+                  "|---|---|---|" + "---|" * len(layers)]  # fmt: skip
+        cells: dict[tuple[int, str, float], dict[int, float]] = {}
+        for r in sweep["table"]:
+            cells.setdefault((r["size"], r["method"], r["threshold"]), {})[r["layer"]] = r["jaccard"]
+        top = (best["size"], best["method"], best["threshold"], best["layer"])
+        for (size, method, threshold), vals in cells.items():
+            marks = ["**" if (size, method, threshold, i) == top else "" for i in layers]
+            lines.append(f"| {size} | {method} | {threshold:g} | "
+                         + " | ".join(f"{m}{vals[i]:.3f}{m}" for i, m in zip(layers, marks)) + " |")  # fmt: skip
+        chosen = segment_settings(best)
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in chosen.items())
+        lines += ["", f"Chosen: `{flags}` ({best['jaccard']:.3f}); the weights carry these settings, so "
+                  "`crate-vis segment` uses them when no flag is given (and `attention` and `heads` the layer and "
+                  "size).", ""]  # fmt: skip
         for half, name in zip(sweep.get("split_half", []), ("odd", "even")):
             c = half["chosen"]
-            lines.append(f"* Chosen on the {name}-numbered half alone: `{c['method']}`, layer {c['layer']}, size "
-                         f"{c['size']}: {half['chosen_on']:.3f} there, **{half['held_out']:.3f}** on the other half "
-                         "(what choosing on the images scored adds is the gap).")  # fmt: skip
+            lines.append(f"* Chosen on the {name}-numbered images alone: `{c['method']}` at {c['threshold']:g}, "
+                         f"layer {c['layer']}, size {c['size']}: {half['chosen_on']:.3f} there, "
+                         f"**{half['held_out']:.3f}** on the other half (the gap is what choosing on the scored "
+                         "images adds).")  # fmt: skip
         lines.append("")
     if new_user is not None:
         lines += ["## As a new user runs it", "", f"    {new_user['command']}", "",
