@@ -280,16 +280,12 @@ _TRAIN = ["train", "--data", "synthetic", "--model", "crate_test_patch8_32", "--
           "synthetic_val_images=8", "--set", "synthetic_classes=2"]  # fmt: skip
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 item 15 open: train draws its progress bar when stderr is not a "
-                   "terminal (only segment and eval look at isatty); train's config defaults progress to True")  # fmt: skip
 def test_train_draws_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path, capsys):
     assert main([*_TRAIN, "--out", str(tmp_path / "run")]) == 0
     err = capsys.readouterr().err
     assert "%|" not in err and "batch/s" not in err
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 item 15 open: train's epoch line prints 'top5 100.00%' for a "
-                   "2-class problem (eval leaves top-5 out below 6 classes, train does not)")  # fmt: skip
 def test_train_log_leaves_out_top5_below_six_classes(tmp_path, capsys, caplog):
     with caplog.at_level(logging.INFO, logger="crate_vis"):
         assert main([*_TRAIN, "--out", str(tmp_path / "run"), "--no-progress"]) == 0

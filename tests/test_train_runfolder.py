@@ -18,13 +18,13 @@ import torch
 from test_train import TensorSet, make_image_folder, tiny_cfg
 
 from crate_vis.errors import RunFolderError
+from crate_vis.io.runlock import LOCK_NAME, RunLock, read_lock
 from crate_vis.train import Trainer, train
 from crate_vis.train.checkpointing import DiskFullError, is_disk_full
-from crate_vis.train.runlock import LOCK_NAME, RunLock, read_lock
 
 HOLDER = """
 import sys, time
-from crate_vis.train.runlock import RunLock
+from crate_vis.io.runlock import RunLock
 lock = RunLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(120)

@@ -78,13 +78,23 @@ _FLAG_KEYS = (
 
 def config_from_args(args: argparse.Namespace) -> Any:
     """The :class:`~crate_vis.train.TrainConfig` the flags describe."""
+    from ..errors import RunFolderError
     from ..train.config import load_recipe, resolve_config
 
     base: dict[str, Any] = {}
-    saved = Path(args.out) / "config.yaml"
+    out = Path(args.out)
+    saved = out / "config.yaml"
+    if args.resume and not (out / "last.pt").is_file():
+        if out.exists() and not out.is_dir():
+            raise RunFolderError(f"{out} is a file, not a run folder: give --resume the folder of the run")
+        what = "no checkpoint to resume (no last.pt: the run stopped before its first one)" if saved.is_file() else \
+            "no run to resume"  # fmt: skip
+        raise RunFolderError(f"{out} holds {what}; start a run there without --resume, e.g. crate-vis train --data "
+                             f"DATA --model NAME --out {out}")  # fmt: skip
     if args.resume and saved.is_file():
         base = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
         base.pop("stop_after_epoch", None)  # a pause point of the earlier job, not of this one (give it again if wanted)
+        base.pop("progress", None)  # a display choice of the earlier job (bars follow this terminal)
         if args.config:
             log.info("--resume: starting from %s; --config %s values are applied on top", saved, args.config)
             base.update(load_recipe(args.config))

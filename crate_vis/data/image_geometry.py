@@ -45,7 +45,7 @@ from .transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor
 
 __all__ = [
     "FIT_MODES", "ImageGeometry", "PreparedImage", "plan_geometry", "prepare_image", "resize_nearest",
-    "shrink_for_display", "DEFAULT_MAX_INPUT_SIDE",
+    "shrink_for_display", "skip_reason", "DEFAULT_MAX_INPUT_SIDE", "UNNAMED_IMAGE",
 ]  # fmt: skip
 
 #: How a resized photo is made a whole number of patches.
@@ -54,6 +54,26 @@ FIT_MODES = ("crop", "pad", "center")
 #: Longest model-input side any command accepts without being told otherwise (``max_side``): a 5000 x 3 px photo
 #: at ``--img-size 224`` would otherwise become a 373,000-pixel-wide input.
 DEFAULT_MAX_INPUT_SIDE = 2048
+
+#: The ``path`` of an :class:`~crate_vis.errors.ImageLoadError` raised here: the geometry sees pixels, not files,
+#: so the caller, who knows the file, names it (:func:`skip_reason`).
+UNNAMED_IMAGE = "<image>"
+
+
+def skip_reason(err: Exception) -> str:
+    """Why an image was refused, without the placeholder path of an error raised on pixels alone.
+
+    A batch command reports ``skipped <its file>: <reason>``; an :class:`~crate_vis.errors.ImageLoadError` from
+    :func:`plan_geometry` or :func:`prepare_image` (e.g. a photo smaller than one patch) carries
+    :data:`UNNAMED_IMAGE` as its path, which must not show up in that line. Other errors keep their message.
+
+    Example:
+        >>> skip_reason(ImageLoadError(UNNAMED_IMAGE, "image of 1x1 px is smaller than one 8x8 patch"))
+        'image of 1x1 px is smaller than one 8x8 patch'
+    """
+    if isinstance(err, ImageLoadError):
+        return err.reason if err.path == UNNAMED_IMAGE else f"{err.path}: {err.reason}"
+    return str(err)
 
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
@@ -263,7 +283,7 @@ def plan_geometry(
     if fit == "center" and (size is None or square):
         raise UsageError("fit='center' cuts a size x size window out of an aspect-preserving resize: give a size")
     if h < ph or w < pw:
-        raise ImageLoadError("<image>", f"image of {w}x{h} px is smaller than one {pw}x{ph} patch")
+        raise ImageLoadError(UNNAMED_IMAGE, f"image of {w}x{h} px is smaller than one {pw}x{ph} patch")
     if size is None:
         rh, rw = h, w
     elif square:
@@ -284,7 +304,7 @@ def plan_geometry(
         ih = iw = int(size)
         offset = ((rh - ih) // 2, (rw - iw) // 2)
     if ih < ph or iw < pw:
-        raise ImageLoadError("<image>", f"image of {w}x{h} px gives {rw}x{rh} after resizing: smaller than one {pw}x{ph} patch")
+        raise ImageLoadError(UNNAMED_IMAGE, f"image of {w}x{h} px gives {rw}x{rh} after resizing: smaller than one {pw}x{ph} patch")
     if max_side is not None and max(ih, iw) > max_side:
         raise UsageError(
             f"a {w}x{h} px photo at input size {size} would be a {iw}x{ih} px model input, longer than {max_side} px "

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data.image_geometry import prepare_image
-from ..errors import UsageError
+from ..data.image_geometry import prepare_image, skip_reason
+from ..errors import ImageLoadError, UsageError
 from ..io.atomic import atomic_save, atomic_write
 from ..io.images import SkipReport, iter_images, list_images
 from ..models.geometry import model_input_size, model_patch_size
@@ -83,8 +83,12 @@ def _batches(
     paths: list[Path], report: SkipReport, patch: tuple[int, int], side: int, batch_size: int
 ) -> Iterator[torch.Tensor]:
     batch: list[torch.Tensor] = []
-    for _path, image in iter_images(paths, report):
-        batch.append(prepare_image(image, patch, side, fit="center", max_side=None).tensor)
+    for path, image in iter_images(paths, report):
+        try:
+            batch.append(prepare_image(image, patch, side, fit="center", max_side=None).tensor)
+        except ImageLoadError as err:  # e.g. a photo smaller than one patch: skipped, naming its file
+            report.add(path, skip_reason(err))
+            continue
         report.processed += 1
         if len(batch) == batch_size:
             yield torch.stack(batch)

@@ -24,7 +24,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..data.image_geometry import DEFAULT_MAX_INPUT_SIDE, PreparedImage, prepare_image, shrink_for_display
+from ..data.image_geometry import (
+    DEFAULT_MAX_INPUT_SIDE,
+    PreparedImage,
+    prepare_image,
+    shrink_for_display,
+    skip_reason,
+)
 from ..errors import UsageError
 from ..hooks import AttentionRecorder, FeatureRecorder, attention_rollout, resolve_layer, run_until
 from ..io.images import SkipReport, iter_images
@@ -194,17 +200,22 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
     from ..io.images import list_images
 
     paths: list[Path] = []
+    empty: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
             found = list_images(p)
             if not found:
-                log.warning("no images found in the folder %s", p)
+                empty.append(p)
             paths += found
         else:
             paths.append(p)
-    if not paths:
-        raise FileNotFoundError(f"no images given or found in {', '.join(str(i) for i in inputs)}")
+    if not paths:  # one line: the error says it all (no warning before it)
+        where = ", ".join(str(i) for i in inputs)
+        raise FileNotFoundError(f"no images found in the folder {where}" if len(empty) == 1 == len(inputs)
+                                else f"no images given or found in {where}")  # fmt: skip
+    for p in empty:  # the other inputs have images: a warning, and the run goes on
+        log.warning("no images found in the folder %s", p)
     return paths
 
 
@@ -238,7 +249,7 @@ def attention_figures(
             res = image_attention(model, image, layer=layer, size=size, mass=config.mass, features=config.pca,
                                   square=config.square, max_side=config.max_side)  # fmt: skip
         except (ValueError, RuntimeError) as err:  # e.g. a photo smaller than one patch
-            report.add(path, str(err))
+            report.add(path, skip_reason(err))
             continue
         full = res.prepared
         prep = shrink_for_display(full, config.display_size)  # figure panels: aspect kept, pixels bounded

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.image_geometry import DEFAULT_MAX_INPUT_SIDE, shrink_for_display
+from ..data.image_geometry import DEFAULT_MAX_INPUT_SIDE, shrink_for_display, skip_reason
 from ..errors import UsageError
 from ..hooks import layer_heads, resolve_heads, resolve_layer
 from ..io.atomic import atomic_write_json
@@ -163,7 +163,7 @@ def heads_figure(
             results = [image_attention(m, image, layer=ly, size=sz, mass=config.mass, features=True,
                                        max_side=config.max_side) for m, ly, sz in zip(models, layers, sizes)]  # fmt: skip
         except (ValueError, RuntimeError) as err:  # e.g. a photo smaller than one patch
-            report.add(path, str(err))
+            report.add(path, skip_reason(err))
             continue
         gts: list[torch.Tensor | None] = [None] * len(models)
         if gt_source is not None:

@@ -10,6 +10,12 @@ are complete and ran with the same settings, then writes ``results.json`` and ``
 process would have. Under ``torchrun`` the rank and world size set the shard, each rank uses its own device, and
 rank 0 merges once every rank is done.
 
+**One run per folder.** A run takes the folder's lock, ``OUT/run.lock`` (:mod:`crate_vis.io.runlock`, as
+``crate-vis train`` does), so a second run into the same ``--out`` stops with one line naming the first one's pid
+instead of replacing its outputs. Shards share their folder by design: each takes only the lock of its own part,
+``OUT/shard-<i>-of-<n>.lock``, so a second run of the same shard is refused while the other shards run on; a
+whole-folder run (or a merge) and a shard exclude each other. A lock left by a killed run is reclaimed.
+
 Example:
     >>> import tempfile, numpy as np
     >>> from PIL import Image
@@ -38,11 +44,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.image_geometry import DEFAULT_MAX_INPUT_SIDE, plan_geometry, prepare_image
+from ..data.image_geometry import DEFAULT_MAX_INPUT_SIDE, UNNAMED_IMAGE, plan_geometry, prepare_image, skip_reason
 from ..errors import DatasetError, ImageLoadError, RunFolderError, UsageError
 from ..io.atomic import atomic_write_json
 from ..io.coco import coco_image_path, find_image_root, load_coco_json
-from ..io.images import SkipReport, list_images, load_image
+from ..io.images import SkipReport, image_size, list_images, load_image
+from ..io.runlock import LOCK_NAME, RunLock, busy_message, live_holder
 from ..io.segment_output import (
     ImageRecord,
     claim_folder,
@@ -223,8 +230,9 @@ class _Prepared(Dataset):
             image = load_image(item.path)
             prepared = prepare_image(image, self.patch, self.size, square=self.config.square,
                                      max_side=self.config.max_side)  # fmt: skip
-        except ImageLoadError as err:
-            return {"index": index, "error": err.reason if err.path == "<image>" else str(err.reason)}
+        except ImageLoadError as err:  # the caller reports it under the item's own path
+            return {"index": index, "error": err.reason if err.path in (UNNAMED_IMAGE, str(item.path)) else
+                    skip_reason(err)}  # fmt: skip
         except UsageError as err:  # e.g. an input longer than max_side
             return {"index": index, "error": str(err)}
         return {"index": index, "tensor": prepared.tensor, "original": prepared.original,
@@ -304,11 +312,10 @@ def segment_images(
         The run summary (what ``run.json`` holds): settings, counts, failures.
 
     Raises:
-        RunFolderError: ``out`` holds another run's outputs (see ``config.mode``).
+        RunFolderError: ``out`` holds another run's outputs (see ``config.mode``), or another live run (or the same
+            shard of a sharded run) is segmenting into it.
         UsageError / DatasetError: bad settings or inputs, before any image is segmented.
     """
-    from tqdm import tqdm
-
     out = Path(out)
     dist = _distributed()
     shard = config.shard
@@ -318,7 +325,6 @@ def segment_images(
     items = collect_inputs(inputs, config.image_root, report)
     if not items:
         raise FileNotFoundError("no images found in the inputs")
-    device = next(model.parameters()).device
     patch = model_patch_size(model)
     size = config.size or model_input_size(model)
     _check_layer(model, config.segment.layer)
@@ -337,7 +343,23 @@ def segment_images(
             raise UsageError("--overwrite cannot be combined with shards (they would remove each other's outputs); "
                              "remove the folder first")  # fmt: skip
         mode = "resume"  # the shards of one run share the folder; a rerun shard skips what it finished
-    claim_folder(out, key, mode, clean=shard is None)  # other shards may be writing temporaries right now
+    lock = _lock_folder(out, shard)
+    try:
+        claim_folder(out, key, mode, clean=shard is None)  # other shards may be writing temporaries right now
+        return _segment_locked(out, items, model, config, report, settings, key, mode, shard, dist, patch, size, lock)
+    finally:
+        lock.release()
+
+
+def _segment_locked(
+    out: Path, items: list[ImageRecord], model: nn.Module, config: SegmentRunConfig, report: SkipReport,
+    settings: dict[str, Any], key: str, mode: str, shard: tuple[int, int] | None, dist: tuple[int, int, int] | None,
+    patch: tuple[int, int], size: int, lock: RunLock,
+) -> dict[str, Any]:
+    """The part of :func:`segment_images` that runs holding the folder's (or the shard's) lock."""
+    from tqdm import tqdm
+
+    device = next(model.parameters()).device
     ordered = list(enumerate(items))
     mine = ordered if shard is None else ordered[shard[0] :: shard[1]]
     _warn_large(items, patch, size, config)
@@ -404,6 +426,7 @@ def segment_images(
         "failures": info["failures"], "complete": True,
     }  # fmt: skip
     atomic_write_json(_shard_path(out, shard), manifest, indent=1)
+    lock.release()  # this shard is done; rank 0's merge below takes the folder's lock
     if dist is not None:
         import torch.distributed as tdist
 
@@ -415,6 +438,48 @@ def segment_images(
         tdist.barrier()
     info["report"] = report
     return info
+
+
+_SEGMENT_RUN = "segment run"
+_SAME_PROCESS = "let it finish first, or choose another --out"
+
+
+def _shard_lock_name(shard: tuple[int, int]) -> str:
+    return f"shard-{shard[0]:05d}-of-{shard[1]:05d}.lock"
+
+
+def _live_shard(out: Path) -> str | None:
+    """The message about a shard of a run that is segmenting into ``out`` right now, or ``None``."""
+    for path in sorted(out.glob("shard-*-of-*.lock")) if out.is_dir() else []:
+        holder = live_holder(path)
+        if holder is not None:
+            i, n = (int(v) for v in path.stem.removeprefix("shard-").split("-of-"))
+            return busy_message(out, path, holder, f"{_SEGMENT_RUN} (its shard {i}/{n})", _SAME_PROCESS)
+    return None
+
+
+def _lock_folder(out: Path, shard: tuple[int, int] | None) -> RunLock:
+    """Take ``out``'s lock (``run.lock``), or for a shard the lock of that shard alone.
+
+    A whole-folder run refuses a folder that a shard is segmenting into, and a shard refuses a folder that a
+    whole-folder run (or a merge) holds: each takes its own lock first and then looks at the others', so of two
+    runs starting together at least one sees the other.
+
+    Raises:
+        RunFolderError: another live run holds what this one needs (the message names its pid).
+    """
+    if shard is None:
+        lock = RunLock(out, LOCK_NAME, what=_SEGMENT_RUN, same_process_hint=_SAME_PROCESS).acquire()
+        busy = _live_shard(out)
+    else:
+        what = f"{_SEGMENT_RUN} of shard {shard[0]}/{shard[1]}"
+        lock = RunLock(out, _shard_lock_name(shard), what=what, same_process_hint=_SAME_PROCESS).acquire()
+        holder = live_holder(out / LOCK_NAME)
+        busy = None if holder is None else busy_message(out, out / LOCK_NAME, holder, _SEGMENT_RUN, _SAME_PROCESS)
+    if busy is not None:
+        lock.release()
+        raise RunFolderError(busy)
+    return lock
 
 
 def _check_layer(model: nn.Module, layer: int) -> None:
@@ -430,22 +495,29 @@ def _is_tty() -> bool:
 
 
 def _warn_large(items: list[ImageRecord], patch: tuple[int, int], size: int, config: SegmentRunConfig) -> None:
-    """One warning when ``size`` makes model inputs large (judged on the first readable image's header)."""
-    from PIL import Image
+    """One warning when ``size`` makes model inputs large (judged on the first readable image's header).
 
-    for item in items[:1]:
+    Headers are read by :func:`crate_vis.io.images.image_size`, the loader's own size policy: an image it refuses
+    (a decompression bomb, a broken file) is passed over here and reported, skipped and counted, when its turn
+    comes in the loader.
+    """
+    for item in items[:_HEADERS_TRIED]:
         try:
-            with Image.open(item.path) as im:
-                hw = (im.height, im.width)
-        except (OSError, ValueError):
-            return
+            hw = image_size(item.path)
+        except ImageLoadError:
+            continue
         try:
             g = plan_geometry(hw, patch, size, square=config.square, max_side=None)
         except (ImageLoadError, UsageError):
-            return
+            continue
         if g.input_hw[0] * g.input_hw[1] > LARGE_INPUT_PIXELS:
             log.warning("--img-size %d makes a %dx%d model input (%d tokens): each forward pass will be slow",
                         size, g.input_hw[1], g.input_hw[0], g.grid[0] * g.grid[1])  # fmt: skip
+        return
+
+
+#: Headers :func:`_warn_large` reads at most looking for a readable image.
+_HEADERS_TRIED = 8
 
 
 def merge_shards(out: str | os.PathLike[str]) -> dict[str, Any]:
@@ -455,12 +527,21 @@ def merge_shards(out: str | os.PathLike[str]) -> dict[str, Any]:
 
     Raises:
         RunFolderError: no shard manifests, shards of different counts or settings, a missing or incomplete
-            shard, or records missing for images a shard says it did. Nothing is written then.
+            shard, records missing for images a shard says it did, or a shard (or another merge) still running.
+            Nothing is written then.
     """
     out = Path(out)
-    manifests = sorted((out / "shards").glob("*-of-*.json")) if (out / "shards").is_dir() else []
-    if not manifests:
+    if not ((out / "shards").is_dir() and any((out / "shards").glob("*-of-*.json"))):
         raise RunFolderError(f"{out}: no shard manifests under shards/; nothing to merge")
+    lock = _lock_folder(out, None)  # no shard may be running, nor another merge or whole-folder run
+    try:
+        return _merge_locked(out)
+    finally:
+        lock.release()
+
+
+def _merge_locked(out: Path) -> dict[str, Any]:
+    manifests = sorted((out / "shards").glob("*-of-*.json"))
     shards = [json.loads(m.read_text(encoding="utf-8")) for m in manifests]
     counts = {s["shard"][1] for s in shards}
     keys = {s["settings_key"] for s in shards}

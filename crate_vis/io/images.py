@@ -55,8 +55,8 @@ from ..errors import DatasetError, ImageLoadError
 
 __all__ = [
     "ALLOWED_FORMATS", "DEFAULT_BACKGROUND", "DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "MAX_PIXELS_ENV",
-    "ImageLoadError", "SkipReport", "iter_images", "list_images", "load_image", "read_label_png", "resolve_max_pixels",
-    "to_array",
+    "ImageLoadError", "SkipReport", "image_size", "iter_images", "list_images", "load_image", "read_label_png",
+    "resolve_max_pixels", "to_array",
 ]  # fmt: skip
 
 IMAGE_EXTENSIONS = (
@@ -196,24 +196,66 @@ def load_image(
         image = _decode(p, limit, bg)
     except ImageLoadError:
         raise
-    except Image.DecompressionBombError as err:
-        raise ImageLoadError(p, f"image too large ({err}); the limit is {limit} pixels{_limit_hint()}") from err
-    except FileNotFoundError:
-        raise ImageLoadError(p, "file not found") from None
-    except PermissionError as err:
-        raise ImageLoadError(p, f"cannot read the file ({err.strerror or err})") from None
-    except Image.UnidentifiedImageError:
-        raise ImageLoadError(
-            p, f"not an image, or a format that is not read (readable: {', '.join(_allowed_formats())})"
-        ) from None
     except Exception as err:  # noqa: BLE001 - a decoder fed a corrupt file can fail in any way; keep the cause
-        raise ImageLoadError(p, f"corrupt or truncated image ({type(err).__name__}: {err})") from err
+        quiet = isinstance(err, (FileNotFoundError, PermissionError, Image.UnidentifiedImageError))
+        raise _load_error(p, err, limit) from (None if quiet else err)
     if minimum is not None:
         w, h = image.size
         if h < minimum[0] or w < minimum[1]:
             want = f"{minimum[0]} pixels per side" if minimum[0] == minimum[1] else f"{minimum[0]}x{minimum[1]} (HxW)"
             raise ImageLoadError(p, f"image is {h}x{w} (HxW), smaller than the minimum {want}")
     return image
+
+
+def image_size(path: str | os.PathLike[str], *, max_pixels: int | None = None) -> tuple[int, int]:
+    """The upright ``(H, W)`` of an image file, read from its header alone, by the rules of :func:`load_image`.
+
+    The checks of :func:`load_image` that need no pixel data apply: a readable regular file, an allowed format
+    and the pixel limit (``max_pixels``, else ``$CRATE_VIS_MAX_PIXELS``, else :data:`DEFAULT_MAX_PIXELS`), so a
+    decompression bomb is refused here as there. The EXIF orientation swaps the sides where it turns the picture.
+
+    Raises:
+        ImageLoadError: what :func:`load_image` would refuse before decoding (``.path`` names the file).
+        ValueError: an invalid ``max_pixels`` or ``$CRATE_VIS_MAX_PIXELS``.
+    """
+    limit = resolve_max_pixels(max_pixels)
+    p = Path(path)
+    _check_file(p)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with _pil_limit_at_least(limit), Image.open(p, formats=_allowed_formats()) as im:
+                w, h = _checked_size(im, p, limit)
+                orientation = _orientation(im, p)
+    except ImageLoadError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a corrupt header can fail in any way; keep the cause
+        raise _load_error(p, err, limit) from None
+    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
+
+
+def _load_error(path: Path, err: Exception, limit: int) -> ImageLoadError:
+    """The :class:`ImageLoadError` for an exception met while opening or decoding ``path``."""
+    if isinstance(err, Image.DecompressionBombError):
+        return ImageLoadError(path, f"image too large ({err}); the limit is {limit} pixels{_limit_hint()}")
+    if isinstance(err, FileNotFoundError):
+        return ImageLoadError(path, "file not found")
+    if isinstance(err, PermissionError):
+        return ImageLoadError(path, f"cannot read the file ({err.strerror or err})")
+    if isinstance(err, Image.UnidentifiedImageError):
+        return ImageLoadError(path, f"not an image, or a format that is not read (readable: "
+                                    f"{', '.join(_allowed_formats())})")  # fmt: skip
+    return ImageLoadError(path, f"corrupt or truncated image ({type(err).__name__}: {err})")
+
+
+def _checked_size(im: Image.Image, path: Path, limit: int) -> tuple[int, int]:
+    """``(W, H)`` of an opened image, refused when invalid or above ``limit`` pixels."""
+    w, h = im.size
+    if w <= 0 or h <= 0:
+        raise ImageLoadError(path, f"invalid image size {w}x{h} in the header")
+    if w * h > limit:
+        raise ImageLoadError(path, f"image is {w}x{h} = {w * h} pixels, more than the limit of {limit}{_limit_hint()}")
+    return w, h
 
 
 def _limit_hint() -> str:
@@ -226,13 +268,7 @@ def _decode(path: Path, limit: int, background: tuple[int, int, int]) -> Image.I
         # Pillow warns between its two thresholds; the decision is ours (``limit``), taken below.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with _pil_limit_at_least(limit), Image.open(path, formats=_allowed_formats()) as im:
-            w, h = im.size
-            if w <= 0 or h <= 0:
-                raise ImageLoadError(path, f"invalid image size {w}x{h} in the header")
-            if w * h > limit:
-                raise ImageLoadError(
-                    path, f"image is {w}x{h} = {w * h} pixels, more than the limit of {limit}{_limit_hint()}"
-                )
+            _checked_size(im, path, limit)
             im.load()  # the first frame; raises on truncated or corrupt data
             orientation = _orientation(im, path)
             rgb = _to_rgb(im, background, path)

@@ -38,7 +38,7 @@ from .registry import family_of
 __all__ = [
     "CheckpointError", "LoadReport", "RUN_CHECKPOINT_FORMAT", "CONFIG_FILE", "WEIGHTS_FILE", "checkpoint_arch",
     "load_checkpoint", "read_checkpoint", "read_state_dict", "save_model", "model_to_config", "unwrap_state_dict",
-    "safe_torch_load",
+    "safe_torch_load", "nonfinite_keys", "nonfinite_message",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -291,8 +291,9 @@ def load_checkpoint(
     types = [f"{k}: checkpoint {sd[k].dtype} ({str(sd[k].layout).removeprefix('torch.')}) vs model {own[k].dtype}"
              for k in sd if k in own and not _compatible(sd[k], own[k])]  # fmt: skip
     # A diverged run saves NaN weights; refusing them here beats NaN attention maps far downstream.
-    nonfinite = [k for k in sd if k in own and sd[k].layout == torch.strided and sd[k].is_floating_point()
-                 and not bool(torch.isfinite(sd[k]).all())]  # fmt: skip
+    nonfinite = nonfinite_keys(sd, own)
+    if nonfinite and not (shapes or types or (strict and (missing or unexpected))):
+        raise CheckpointError(nonfinite_message(source, sd, nonfinite))
     if shapes or types or nonfinite or (strict and (missing or unexpected)):
         parts = []
         if missing:
@@ -314,6 +315,23 @@ def load_checkpoint(
             sd[key] = own[key]
     model.load_state_dict(sd, strict=strict)
     return report
+
+
+def nonfinite_keys(sd: Mapping[str, Any], keys: Any = None) -> list[str]:
+    """Names of the dense floating-point tensors of ``sd`` holding NaN or inf (only those in ``keys`` if given)."""
+    return [k for k, v in sd.items() if (keys is None or k in keys) and isinstance(v, torch.Tensor)
+            and v.layout == torch.strided and v.is_floating_point() and not bool(torch.isfinite(v).all())]  # fmt: skip
+
+
+def nonfinite_message(source: str, sd: Mapping[str, Any], names: list[str]) -> str:
+    """One line saying that the weights of ``source`` hold NaN or inf, naming the tensors (the first 12)."""
+    first = sd[names[0]]
+    kinds = [what for what, bad in (("NaN", bool(torch.isnan(first).any())), ("inf", bool(torch.isinf(first).any())))
+             if bad]  # fmt: skip
+    listed = ", ".join(names[:12]) + (f", ... ({len(names) - 12} more)" if len(names) > 12 else "")
+    return (f"{source}: the weights hold NaN or inf ({' and '.join(kinds)} in {names[0]}; {len(names)} tensor(s) in "
+            f"all: {listed}): unusable weights, as a diverged training run saves them; use an earlier "
+            "checkpoint")  # fmt: skip
 
 
 def _compatible(value: torch.Tensor, target: torch.Tensor) -> bool:

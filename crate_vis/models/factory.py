@@ -37,6 +37,8 @@ from .checkpoint import (
     WEIGHTS_FILE,
     _is_weight_source_key,
     load_checkpoint,
+    nonfinite_keys,
+    nonfinite_message,
     read_checkpoint,
     safe_torch_load,
 )
@@ -172,6 +174,9 @@ def _check_config_fits(config: Mapping[str, Any], sd: Mapping[str, torch.Tensor]
     model far larger than the file. The depth is compared with the blocks present first (so that no huge module
     tree is even built), then the model is built on the ``meta`` device (no memory) and every shape compared.
     """
+    nonfinite = nonfinite_keys(sd)
+    if nonfinite:  # not a mismatch of config and weights: say what is wrong with the weights themselves
+        raise CheckpointError(nonfinite_message(source, sd, nonfinite))
     kwargs = config.get("kwargs", {})
     depth = kwargs.get("depth") if isinstance(kwargs, Mapping) else None
     if depth is not None:

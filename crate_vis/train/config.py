@@ -93,7 +93,8 @@ class TrainConfig:
         resume: continue from ``out/last.pt``.
         pretrained: checkpoint to fine-tune from (any layout :func:`crate_vis.load_checkpoint` reads).
         tensorboard: also log to TensorBoard (``out/tb``).
-        progress: show a progress bar.
+        progress: show a progress bar: ``True`` always, ``False`` never, ``None`` (the default) when stderr is a
+            terminal, as the other batch commands do (a log file or a CI job gets no bar).
         eval_every: validate every N epochs (and after the last one).
         val_split: name of the validation folder of an ImageFolder root.
         synthetic_train_images: training images for ``data: synthetic``.
@@ -155,7 +156,7 @@ class TrainConfig:
     resume: bool = False
     pretrained: str | None = None
     tensorboard: bool = False
-    progress: bool = True
+    progress: bool | None = None
     eval_every: int = 1
     val_split: str = "val"
     synthetic_train_images: int = 2000
@@ -202,6 +203,15 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"invalid training config: {message}")
+
+    @property
+    def show_progress(self) -> bool:
+        """Whether progress bars are drawn: :attr:`progress`, or when it is ``None`` whether stderr is a terminal."""
+        if self.progress is not None:
+            return bool(self.progress)
+        import sys
+
+        return bool(getattr(sys.stderr, "isatty", lambda: False)())
 
     @property
     def mixup_active(self) -> bool:

@@ -222,7 +222,7 @@ def _cached_split(
     from ..data.cache import CachedImageFolder, open_cache
 
     cache = open_cache(cfg.data, split, size, classes=classes, resample=resample, cache_dir=cfg.cache_dir,
-                       workers=cfg.workers, progress=cfg.progress)  # fmt: skip
+                       workers=cfg.workers, progress=cfg.show_progress)  # fmt: skip
     return CachedImageFolder(cache, transform)
 
 

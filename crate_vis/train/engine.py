@@ -13,7 +13,7 @@ What it guarantees:
   (:mod:`crate_vis.train.data`), and so does each image's masking noise for masked autoencoding, so on CPU a run
   stopped between epochs and resumed ends with bit-identical weights to an uninterrupted one, and runs with
   different numbers of DataLoader workers end with identical weights;
-* one run at a time per run folder: ``RUN_DIR/run.lock`` (:mod:`crate_vis.train.runlock`) makes a second run stop
+* one run at a time per run folder: ``RUN_DIR/run.lock`` (:mod:`crate_vis.io.runlock`) makes a second run stop
   with the pid of the first; a lock left by a killed run is reclaimed;
 * a non-finite loss stops the run with :class:`NonFiniteLossError` before any bad weights are saved, so the last
   checkpoint stays the last good one; a full disk stops it with
@@ -43,6 +43,7 @@ from torch.utils.data import Dataset
 
 from ..errors import CrateVisError, RunFolderError, UsageError
 from ..io.atomic import atomic_write
+from ..io.runlock import RunLock
 from .checkpointing import (
     capture_rng_state,
     load_training_state,
@@ -61,7 +62,6 @@ from .distributed import (
     setup_distributed,
 )  # fmt: skip
 from .mae import MaskedSamples, build_unlabelled_datasets, resolve_objective
-from .runlock import RunLock
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -612,7 +612,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         return tqdm(total=total, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", unit="batch", leave=False,
-                    dynamic_ncols=True, disable=not (self.is_main and self.cfg.progress))  # fmt: skip
+                    dynamic_ncols=True, disable=not (self.is_main and self.cfg.show_progress))  # fmt: skip
 
     # ------------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -723,7 +723,9 @@ class Trainer:
                      self.cfg.epochs, row["train_loss"], val, row["lr"], row["images_per_s"], row["seconds"])  # fmt: skip
         else:
             if row.get("val_top1") is not None:
-                val = f" | val loss {row['val_loss']:.4f} top1 {row['val_top1']:.2f}% top5 {row['val_top5']:.2f}%"
+                val = f" | val loss {row['val_loss']:.4f} top1 {row['val_top1']:.2f}%"
+                if len(self.classes) > 5:  # with 5 classes or fewer top-5 is always 100% (as eval leaves it out)
+                    val += f" top5 {row['val_top5']:.2f}%"
             log.info("epoch %d/%d: train loss %.4f acc %.2f%%%s | lr %.3g | %.1f img/s | %.1f s", row["epoch"],
                      self.cfg.epochs, row["train_loss"], row["train_acc"], val, row["lr"], row["images_per_s"],
                      row["seconds"])  # fmt: skip

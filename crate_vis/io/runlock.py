@@ -1,9 +1,13 @@
-"""One training run per run folder: a lock file that a second run refuses and a dead run's leftover gives way to.
+"""One run per run folder: a lock file that a second run refuses and a dead run's leftover gives way to.
 
-:class:`RunLock` creates ``RUN_DIR/run.lock`` exclusively, holding the owner's pid, host name and start time as JSON.
-The file is written completely under a temporary name first and then hard-linked to ``run.lock``: like an
+Used by ``crate-vis train`` (``RUN_DIR/run.lock``) and ``crate-vis segment`` (``OUT/run.lock``, or one lock per
+shard, ``OUT/shard-00000-of-00004.lock``, since the shards of one run share their folder by design).
+
+:class:`RunLock` creates the lock file exclusively, holding the owner's pid, host name and start time as JSON.
+The file is written completely under a temporary name first and then hard-linked to its name: like an
 ``O_EXCL`` creation, the link fails when the name exists, and in addition nobody ever reads a half-written lock
-(where the file system has no hard links, an ``O_CREAT | O_EXCL`` creation is used instead).
+(where the file system has no hard links, an ``O_CREAT | O_EXCL`` creation is used instead). The temporary name
+(``.run.lock.<token>.new``) is not one that the clean-up of interrupted atomic writes removes.
 
 A second run finding the lock stops with one line naming the folder and the holder's pid. A lock whose pid no
 longer runs on this host (a run killed with SIGKILL, or a machine that rebooted) is stale: it is reclaimed, with a
@@ -13,7 +17,7 @@ garbage-collected or the interpreter exits.
 
 Example:
     >>> import tempfile
-    >>> from crate_vis.train.runlock import RunLock, read_lock
+    >>> from crate_vis.io.runlock import RunLock, read_lock
     >>> run = tempfile.mkdtemp()
     >>> with RunLock(run) as lock:
     ...     read_lock(lock.path)["pid"] == os.getpid()
@@ -37,9 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RunFolderError
-from ..io.atomic import atomic_write_json
 
-__all__ = ["LOCK_NAME", "RunLock", "pid_alive", "read_lock"]
+__all__ = ["LOCK_NAME", "RunLock", "busy_message", "live_holder", "pid_alive", "read_lock"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +88,30 @@ def read_lock(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     return info if isinstance(info, dict) else None
 
 
+def _is_stale(holder: dict[str, Any]) -> bool:
+    """A lock of this host whose process is gone: no such pid, or the pid now names a later process."""
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return False
+    if pid == os.getpid():  # this process: stale unless one of its own RunLock objects holds it
+        return holder.get("token") not in _HELD
+    if not pid_alive(pid):
+        return True
+    recorded, now = holder.get("pid_start"), _start_ticks(pid)
+    return isinstance(recorded, int) and now is not None and now != recorded
+
+
+def live_holder(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The holder recorded in the lock file ``path`` if that lock is held by a live run, else ``None``.
+
+    A missing, unreadable or stale lock (see :class:`RunLock`) has no live holder.
+    """
+    holder = read_lock(path)
+    if holder is None or _is_stale(holder):
+        return None
+    return holder
+
+
 def _release(path: Path, token: str) -> None:
     """Remove ``path`` if it is still the lock with ``token`` (never another run's)."""
     _HELD.discard(token)
@@ -95,18 +122,30 @@ def _release(path: Path, token: str) -> None:
 
 
 class RunLock:
-    """The exclusive lock of one run folder (``RUN_DIR/run.lock``).
+    """The exclusive lock of one run folder (``RUN_DIR/run.lock``), or of one part of it (``name``).
 
     Args:
         run_dir: the run folder; created if missing.
+        name: the lock file's name inside ``run_dir``.
+        what: what holds the lock, for messages (``"training run"``, ``"segment run"``, ...).
+        same_process_hint: what a message tells to do when another object of this process holds the lock.
 
     Raises:
-        RunFolderError: from :meth:`acquire`, when a live run holds the folder.
+        RunFolderError: from :meth:`acquire`, when a live run holds the folder, or ``run_dir`` cannot be a folder.
     """
 
-    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        name: str = LOCK_NAME,
+        *,
+        what: str = "training run",
+        same_process_hint: str = "call its fit() or close() first, or choose another --out",
+    ) -> None:
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK_NAME
+        self.path = self.run_dir / name
+        self.what = what
+        self.same_process_hint = same_process_hint
         self.token: str | None = None
         self._finalizer: weakref.finalize | None = None
 
@@ -123,7 +162,7 @@ class RunLock:
         """
         if self.held:
             return self
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        _make_folder(self.run_dir)
         token = uuid.uuid4().hex
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "pid_start": _start_ticks(os.getpid()), "token": token}  # fmt: skip
@@ -137,12 +176,12 @@ class RunLock:
             if holder is None:  # removed meanwhile, being written (O_EXCL fallback), or left unreadable by a crash
                 self._reclaim_unreadable()
                 continue
-            if self._stale(holder):
+            if _is_stale(holder):
                 self._reclaim(holder)
                 continue
             raise RunFolderError(self._busy_message(holder))
         raise RunFolderError(f"{self.run_dir}: could not take {self.path}: it stays unreadable or keeps changing; "
-                             "delete it if no other training run uses this folder")  # fmt: skip
+                             f"delete it if no other {self.what} uses this folder")  # fmt: skip
 
     def release(self) -> None:
         """Give the lock up (nothing happens when it is not held)."""
@@ -160,8 +199,11 @@ class RunLock:
     # ------------------------------------------------------------------------------------------------ internals
     def _create(self, info: dict[str, Any]) -> bool:
         """Create the lock file holding ``info``; ``False`` when it exists already."""
-        tmp = self.run_dir / f".{LOCK_NAME}.{info['token']}.tmp"
-        atomic_write_json(tmp, info)
+        tmp = self.run_dir / f".{self.path.name}.{info['token']}.new"
+        with open(tmp, "x", encoding="utf-8") as fh:  # written whole before it is linked, so never read half-written
+            fh.write(json.dumps(info))
+            fh.flush()
+            os.fsync(fh.fileno())
         try:
             os.link(tmp, self.path)
             return True
@@ -184,21 +226,9 @@ class RunLock:
             fh.write(json.dumps(info))
         return True
 
-    def _stale(self, holder: dict[str, Any]) -> bool:
-        """A lock of this host whose process is gone: no such pid, or the pid now names a later process."""
-        pid = holder.get("pid")
-        if holder.get("host") != socket.gethostname() or not isinstance(pid, int):
-            return False
-        if pid == os.getpid():  # this process: stale unless one of its own RunLock objects holds it
-            return holder.get("token") not in _HELD
-        if not pid_alive(pid):
-            return True
-        recorded, now = holder.get("pid_start"), _start_ticks(pid)
-        return isinstance(recorded, int) and now is not None and now != recorded
-
     def _reclaim(self, holder: dict[str, Any]) -> None:
         """Move the stale lock aside; if it turns out to be a fresh one (a race), put it back."""
-        aside = self.run_dir / f".{LOCK_NAME}.{uuid.uuid4().hex}.stale"
+        aside = self.run_dir / f".{self.path.name}.{uuid.uuid4().hex}.stale"
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
@@ -229,13 +259,33 @@ class RunLock:
         log.warning("removed the unreadable lock %s (%.0f s old)", self.path, age)
 
     def _busy_message(self, holder: dict[str, Any]) -> str:
-        where, pid = holder.get("host", "?"), holder.get("pid", "?")
-        if where == socket.gethostname() and pid == os.getpid():
-            return (f"{self.run_dir} is in use by another Trainer of this process (pid {pid}, started "
-                    f"{holder.get('started', '?')}): call its fit() or close() first, or choose another "
-                    "--out")  # fmt: skip
-        msg = (f"{self.run_dir} is in use by another training run (pid {pid} on host {where}, started "
-               f"{holder.get('started', '?')}): wait for it to end or choose another --out")  # fmt: skip
-        if where != socket.gethostname():
-            msg += f"; if that run is gone, delete {self.path}"
-        return msg
+        return busy_message(self.run_dir, self.path, holder, self.what, self.same_process_hint)
+
+
+def busy_message(
+    run_dir: Path, path: Path, holder: dict[str, Any], what: str,
+    same_process_hint: str = "end it first, or choose another --out",
+) -> str:
+    """One line saying that the live ``holder`` of the lock ``path`` (a ``what``) uses ``run_dir``."""
+    where, pid = holder.get("host", "?"), holder.get("pid", "?")
+    if where == socket.gethostname() and pid == os.getpid():
+        return (f"{run_dir} is in use by another {what} of this process (pid {pid}, started "
+                f"{holder.get('started', '?')}): {same_process_hint}")  # fmt: skip
+    msg = (f"{run_dir} is in use by another {what} (pid {pid} on host {where}, started "
+           f"{holder.get('started', '?')}): wait for it to end or choose another --out")  # fmt: skip
+    if where != socket.gethostname():
+        msg += f"; if that run is gone, delete {path}"
+    return msg
+
+
+def _make_folder(run_dir: Path) -> None:
+    """Create ``run_dir`` (and its parents); a path that is a file, or under one, is refused in one line."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunFolderError(f"{run_dir} is a file, not a folder: give --out a folder (a new one, or the run's own)")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # a parent is a file (or the path became one meanwhile)
+        raise RunFolderError(f"cannot create the folder {run_dir}: a part of that path is a file, not a folder; "
+                             "choose another --out") from None  # fmt: skip
+    except OSError as err:
+        raise RunFolderError(f"cannot create the folder {run_dir}: {err.strerror or err}") from None
