@@ -2,7 +2,10 @@
 
 :func:`segment_images` reads images (files, folders, COCO jsons), prepares them for the model in data-loader workers
 (:mod:`crate_vis.data.image_geometry`), segments batches (:func:`crate_vis.segmentation.run.segment_batch`, the
-cuts' eigen-solves spread over a thread pool) and writes the output folder of :mod:`crate_vis.io.segment_output`.
+cuts' eigen-solves spread over a thread pool), brings the grid masks onto each photo (nearest), refines them there
+when ``SegmentConfig.refine`` asks (:func:`crate_vis.segmentation.bilateral.refine_masks`, on the photo itself) and
+writes the output folder of :mod:`crate_vis.io.segment_output`. The settings (and their key, which decides what
+``--skip-existing`` may reuse) include the refinement, so refined and unrefined runs never share a folder.
 
 **Sharding.** ``shard=(i, n)`` segments the inputs ``i, i + n, i + 2n, ...`` of the input list (a deterministic split)
 and writes a shard manifest; :func:`merge_shards` (``crate-vis segment --merge OUT``) checks that all ``n`` shards
@@ -40,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -62,6 +66,7 @@ from ..io.segment_output import (
     write_summary,
 )
 from ..models.geometry import model_input_size, model_patch_size
+from ..segmentation.bilateral import BilateralParams, refine_masks
 from ..segmentation.run import SegmentConfig, segment_batch
 
 __all__ = [
@@ -379,6 +384,7 @@ def _segment_locked(
     loader = DataLoader(_Prepared(todo, patch, config, size), batch_size=1, shuffle=False, num_workers=config.workers,
                         collate_fn=_collate)  # fmt: skip
     pool = ThreadPoolExecutor(config.cut_workers) if config.cut_workers > 1 else None
+    refine = config.segment.bilateral_params() if config.segment.refine == "bilateral" else None
     try:
         for batch in _batches(iter(loader), config.batch_size):
             if "error" in batch[0]:
@@ -392,6 +398,8 @@ def _segment_locked(
                 item = items[p["index"]]
                 geometry = p["geometry"]
                 full = geometry.grid_to_image(res.masks).astype(bool)  # (K, H, W)
+                if refine is not None:
+                    full = _refine(p["original"], full, refine, item)
                 overlay = None
                 if config.overlay:
                     from ..viz.overlay import masks_overlay
@@ -438,6 +446,16 @@ def _segment_locked(
         tdist.barrier()
     info["report"] = report
     return info
+
+
+def _refine(original: np.ndarray, masks: np.ndarray, params: BilateralParams, item: ImageRecord) -> np.ndarray:
+    """``masks`` ``(K, H, W)`` refined on the photo they are aligned to (coarse ones kept by the safety rule)."""
+    result = refine_masks(original, masks, params)
+    kept = int((~result.refined & masks.reshape(len(masks), -1).any(axis=1)).sum())
+    if kept:
+        log.debug("%s: %d of %d masks kept unrefined (IoU with the refined mask < %.2f, or it was empty)",
+                  item.name, kept, len(masks), params.min_iou)  # fmt: skip
+    return result.masks
 
 
 _SEGMENT_RUN = "segment run"

@@ -409,8 +409,9 @@ def convert_checkpoint(
 
 def recommended_settings(model: nn.Module) -> dict[str, Any]:
     """The settings the weights recommend for segmenting and viewing their attention: ``metadata.segment`` of their
-    config (``method``, ``layer``, ``img_size``, ``mass``, ``tau``, ``max_masks``), chosen when they were released and
-    used by ``segment``, ``attention`` and ``heads`` where no flag is given; empty when the weights say nothing.
+    config (``method``, ``layer``, ``img_size``, ``mass``, ``tau``, ``max_masks``, ``refine``), chosen when they were
+    released and used by ``segment``, ``attention`` and ``heads`` where no flag is given; empty when the weights say
+    nothing.
 
     Example:
         >>> from crate_vis.models import create_model, recommended_settings
@@ -419,7 +420,7 @@ def recommended_settings(model: nn.Module) -> dict[str, Any]:
     """
     meta = (getattr(model, "pretrained_config", None) or {}).get("metadata") or {}
     rec = meta.get("segment") or {}
-    return {k: rec[k] for k in ("method", "layer", "img_size", "mass", "tau", "max_masks") if k in rec}
+    return {k: rec[k] for k in ("method", "layer", "img_size", "mass", "tau", "max_masks", "refine") if k in rec}
 
 
 def model_summary(model: nn.Module, image_hw: tuple[int, int] | None = None) -> dict[str, Any]:

@@ -17,13 +17,17 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from .bilateral import BilateralParams
 from .dino import attention_contrast, dino_foreground
 from .maskcut import MASKCUT_RULES, SOLVERS, maskcut, tokencut
 
-__all__ = ["METHODS", "SegmentConfig", "GridSegmentation", "segment_batch", "parse_heads"]
+__all__ = ["METHODS", "REFINERS", "SegmentConfig", "GridSegmentation", "segment_batch", "parse_heads"]
 
 #: Segmentation methods and their default edge threshold ``tau`` (None: not a graph method).
 METHODS: dict[str, float | None] = {"dino": None, "maskcut": 0.15, "tokencut": 0.2}
+
+#: Refinements of the image-size masks: none, or the bilateral solver (:mod:`crate_vis.segmentation.bilateral`).
+REFINERS = ("none", "bilateral")
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,13 @@ class SegmentConfig:
         cut_rules: MaskCut: ``"default"`` (sign-independent corner rule, stop at the first dropped mask) or
             ``"cutler"`` (CutLER ``maskcut.py`` exactly); TokenCut always follows the official TokenCut rule.
         cut_device: ``solver="torch"``: the device of the eigen-solve (the model's when ``None``).
+        refine: any method: ``"none"``, or ``"bilateral"``: each image-size mask refined along the photo's edges by
+            the fast bilateral solver, as TokenCut does (:func:`~crate_vis.segmentation.bilateral.refine_masks`;
+            MaskCut's masks one by one). A refined mask that is empty or has IoU < 0.5 with the coarse mask is
+            dropped and the coarse mask kept: on low-contrast photos the solver can erase a mask or flip it onto
+            the background.
+        refine_lam: ``refine="bilateral"``: the solver's smoothness weight ``lam`` (default 128, the solver's reference
+            setting; TokenCut's script uses 256).
     """
 
     method: str = "dino"
@@ -56,6 +67,8 @@ class SegmentConfig:
     solver: str = "auto"
     cut_rules: str = "default"
     cut_device: str | None = None
+    refine: str = "none"
+    refine_lam: float = 128.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -72,6 +85,11 @@ class SegmentConfig:
             raise UsageError(f"--solver must be one of {SOLVERS}, got {self.solver!r}")
         if self.cut_rules not in MASKCUT_RULES:
             raise UsageError(f"--cut-rules must be one of {MASKCUT_RULES}, got {self.cut_rules!r}")
+        if self.refine not in REFINERS:
+            raise UsageError(f"--refine must be one of {list(REFINERS)}, got {self.refine!r}")
+        lam = self.refine_lam
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (0.0 < lam < float("inf")):
+            raise UsageError(f"the bilateral refinement's lam must be a positive number, got {lam!r}")
         if self.heads is not None:
             if not self.heads:
                 raise UsageError("--heads names no head")
@@ -84,7 +102,11 @@ class SegmentConfig:
         return self.tau if self.tau is not None or self.method == "dino" else METHODS[self.method]
 
     def describe(self) -> dict[str, Any]:
-        """The settings that determine the masks (JSON-ready), only those the method uses."""
+        """The settings that determine the masks (JSON-ready), only those the method uses.
+
+        A refinement adds ``refine`` (and ``refine_lam``); without one there is no ``refine`` key, so the settings
+        (and the settings key of an output folder) of unrefined runs are those of runs made before the option.
+        """
         d = asdict(self)
         d["heads"] = list(self.heads) if self.heads is not None else None
         keep: tuple[str, ...]
@@ -95,7 +117,13 @@ class SegmentConfig:
             d["max_masks"] = 1 if self.method == "tokencut" else self.max_masks
             d["cut_rules"] = "tokencut" if self.method == "tokencut" else self.cut_rules
             keep = ("method", "layer", "tau", "max_masks", "cut_rules")
+        if self.refine != "none":
+            keep += ("refine", "refine_lam")
         return {k: d[k] for k in keep}
+
+    def bilateral_params(self) -> BilateralParams:
+        """The bilateral solver's settings of ``refine="bilateral"`` (TokenCut's, with :attr:`refine_lam`)."""
+        return BilateralParams(lam=float(self.refine_lam))
 
 
 @dataclass
