@@ -29,6 +29,26 @@ def downsample_labels(labels, grid, void=255, extent=None):
     lab = np.asarray(labels)
     return ImageGeometry.covering(lab.shape, grid, extent).labels_to_grid(lab, void)
 
+def coarse_miou_by_hand(masks, labels, include_background=True, void=255) -> float:
+    """The emergence paper's coarse mIoU, written out: per image and class present, the best candidate's IoU (the
+    heads' masks; for the background also the tokens no mask claims, or a lone mask's complement), mean over the
+    image's classes, then over images; void cells count nowhere."""
+    per_image = []
+    for m, lab in zip(masks, labels):
+        m, lab = np.asarray(m, bool), np.asarray(lab)
+        valid = lab != void
+        ious = []
+        for c in np.unique(lab[valid]):
+            if c == 0 and not include_background:
+                continue
+            target = (lab == c) & valid
+            candidates = list(m) if c else ([~m[0]] if len(m) == 1 else [*m, ~m.any(0)])
+            ious.append(max(((p & target) & valid).sum() / ((p | target) & valid).sum() for p in candidates))
+        if ious:
+            per_image.append(np.mean(ious))
+    return float(np.mean(per_image))
+
+
 def _score(capsys, *argv: str) -> tuple[int, str]:
     code = main(["score", *argv])
     out = capsys.readouterr()
@@ -67,9 +87,14 @@ def test_jaccard_json_equals_python_api(capsys, mask_gt):
     assert code == 0, out
     res = json.loads(out)
     stems = sorted(truth)
-    ref = fg_jaccard([truth[s][1] for s in stems], [truth[s][0] for s in stems])
+    # IoU of each image (rows) and head (columns), and of the union of the heads, counted here pixel by pixel
+    iou = np.array([[(h & truth[s][0]).sum() / (h | truth[s][0]).sum() for h in truth[s][1]] for s in stems])
+    union = [(truth[s][1].any(0) & truth[s][0]).sum() / (truth[s][1].any(0) | truth[s][0]).sum() for s in stems]
+    ref = {"mean": iou.mean(), "union": np.mean(union), "best": iou.max(1).mean(), "per_head": iou.mean(0).tolist(),
+           "best_fixed_head": int(iou.mean(0).argmax()), "n_images": 3}  # fmt: skip
+    assert len(set(np.round(iou.ravel(), 6))) == 6 and iou.mean(0)[0] != iou.mean(0)[1]  # no tie hides a mix-up
     for key in ("mean", "union", "best", "per_head", "best_fixed_head", "n_images"):
-        assert res[key] == pytest.approx(ref[key])
+        assert res[key] == pytest.approx(ref[key], abs=1e-12)
     assert res["protocol"] == "jaccard" and res["n_missing"] == 0 and "best" in res["oracle"]
     # the table prints the same numbers
     code, table = _score(capsys, "--protocol", "jaccard", "--pred", str(pred_dir), "--gt", str(gt_dir))
@@ -136,13 +161,14 @@ def test_miou_on_voc_token_grid_equals_python_api(capsys, voc_gt, tmp_path):
     assert code == 0, out
     res = json.loads(out)
     ref = coarse_miou(expected_masks, expected_labels)
-    assert res["miou"] == pytest.approx(ref["miou"])
+    assert res["miou"] == pytest.approx(ref["miou"]) == pytest.approx(coarse_miou_by_hand(expected_masks, expected_labels))
     assert res["per_class"]["12"] == pytest.approx(1.0)
     assert res["class_names"] == {"0": "background", "3": "bird", "12": "dog"}
     assert res["resolution"] == "token" and res["include_background"] is True
     res_nobg = json.loads(_score(capsys, "--protocol", "miou", "--pred", str(pred_dir), "--gt", str(voc_gt), "--json",
                                  "--no-background")[1])  # fmt: skip
-    assert res_nobg["miou"] == pytest.approx(coarse_miou(expected_masks, expected_labels, include_background=False)["miou"])
+    assert res_nobg["miou"] == pytest.approx(coarse_miou_by_hand(expected_masks, expected_labels, include_background=False))
+    assert res_nobg["miou"] != pytest.approx(res["miou"])
     code, table = _score(capsys, "--protocol", "miou", "--pred", str(pred_dir), "--gt", str(voc_gt))
     assert f"{ref['miou']:.4f}" in table and "oracle" in table
 
@@ -209,9 +235,19 @@ def test_coco_protocol_json_equals_python_api(capsys, coco_gt, tmp_path):
     code, out = _score(capsys, "--pred", str(out_dir), "--gt", str(gt), "--json", "--output", str(tmp_path / "s.json"))
     assert code == 0, out
     res = json.loads(out)
+    # By hand. Ranked by score: m1 on y (0.95, misses), m1 on x (0.9, exact), the shifted m2 on y (0.8). The shift
+    # wraps one column round: mask IoU 88/136 = 0.647, a hit up to the threshold 0.60; box IoU 112/256 < 0.5.
+    # 101-point interpolated precision: with both hits 2/3 at every recall; with x alone 1/2 up to recall 0.5 (51
+    # of the 101 points) and 0 beyond. Class-agnostic: the ten thresholds 0.50..0.95, three of which take both.
+    one_hit = 51 * 0.5 / 101
+    expected = {
+        "segm": {"AP": (3 * 2 / 3 + 7 * one_hit) / 10, "AP50": 2 / 3, "AP75": one_hit, "AR100": (3 * 1 + 7 * 0.5) / 10},
+        "bbox": {"AP": one_hit, "AP50": one_hit, "AP75": one_hit, "AR100": 0.5},
+    }
     for t in ("segm", "bbox"):
-        ref = coco_ap(COCODataset(gt), results, iou_type=t)
-        assert {k: res[t][k] for k in ("AP", "AP50", "AP75", "AR100")} == {k: ref[k] for k in ("AP", "AP50", "AP75", "AR100")}
+        assert {k: res[t][k] for k in expected[t]} == pytest.approx(expected[t], abs=1e-12)
+        ref = coco_ap(COCODataset(gt), results, iou_type=t)  # the Python API prints the same numbers
+        assert {k: res[t][k] for k in expected[t]} == {k: ref[k] for k in expected[t]}
     assert res["class_agnostic"] is True
     assert json.loads((tmp_path / "s.json").read_text())["segm"]["AP"] == res["segm"]["AP"]
     code, table = _score(capsys, "--pred", str(out_dir / "results.json"), "--gt", str(gt), "--iou-type", "segm")
@@ -307,7 +343,7 @@ def test_segment_cli_then_score_end_to_end(capsys, tmp_path):
     for k in range(3):
         img = rng.integers(0, 60, (40, 48, 3)).astype(np.uint8)
         m = np.zeros((40, 48), bool)
-        m[8:28, 10 + 4 * k : 34 + 4 * k] = True
+        m[10:30, 10 + 4 * k : 34 + 4 * k] = True  # rows: whole token rows 1-2 (see the mIoU below)
         img[m] = [220, 40, 40]
         Image.fromarray(img).save(tmp_path / f"im{k}.png")
         imgs.append({"id": 10 + k, "width": 48, "height": 40, "file_name": f"im{k}.png"})
@@ -330,7 +366,30 @@ def test_segment_cli_then_score_end_to_end(capsys, tmp_path):
     ref = fg_jaccard([seg.masks[f"im{k}.png"] for k in range(3)], [ds.foreground(10 + k) for k in range(3)])
     assert res["union"] == pytest.approx(ref["union"])
     res = json.loads(_score(capsys, "--protocol", "miou", "--pred", str(out), "--gt", str(gt), "--json")[1])
-    assert res["resolution"] == "token" and 0.0 <= res["miou"] <= 1.0
+    # By hand at the 4x4 token grid: the model saw the image resized to 32x38 and cropped to 32x32, so a token is a
+    # 10 x 10.1 pixel cell of the original. The object's share of each cell is 0, 1 or, in its side columns,
+    # 0.22 to 0.76 (far from a tie): a cell is the object where the share is over a half. The predicted token masks
+    # are read at the cell centres of the painted masks.
+    token_masks, token_labels = [], []
+    for k in range(3):
+        geo = seg.geometries[f"im{k}.png"]
+        assert seg.grids[f"im{k}.png"] == (4, 4) and geo["resized_hw"] == [32, 38] and geo["input_hw"] == [32, 32]
+        sy, sx = 40 / 32, 48 / 38
+        oy, ox = geo["offset"]
+        rows = [((oy + 8 * i) * sy, (oy + 8 * i + 8) * sy) for i in range(4)]  # cell edges in original pixels
+        cols = [((ox + 8 * j) * sx, (ox + 8 * j + 8) * sx) for j in range(4)]
+        obj_rows, obj_cols = (10, 30), (10 + 4 * k, 34 + 4 * k)
+
+        def overlap(cell, span):
+            return max(0.0, min(cell[1], span[1]) - max(cell[0], span[0])) / (cell[1] - cell[0])
+
+        share = np.array([[overlap(r, obj_rows) * overlap(c, obj_cols) for c in cols] for r in rows])
+        assert not np.any(np.abs(share - 0.5) < 0.1)
+        token_labels.append(np.where(share > 0.5, 4, 0))
+        centres = np.ix_([int(sum(r) / 2) for r in rows], [int(sum(c) / 2) for c in cols])
+        token_masks.append(np.stack([mk[centres] for mk in seg.masks[f"im{k}.png"]]))
+    assert res["resolution"] == "token"
+    assert res["miou"] == pytest.approx(coarse_miou_by_hand(token_masks, token_labels), abs=1e-12)
 
 
 def test_images_sharing_a_stem_are_an_error(tmp_path):

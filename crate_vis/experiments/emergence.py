@@ -630,23 +630,30 @@ _LABELS = {"crate": "CRATE", "vit": "ViT", "crate_init": "CRATE (random init)", 
 
 
 def curve_figures(results: dict[str, Any], out: Path) -> list[Path]:
-    """The layer-wise curves (Jaccard, MaskCut AP50, coding rate, sparsity) from the scores alone."""
+    """The layer-wise curves (Jaccard, MaskCut AP50, coding rate, sparsity) from the scores alone.
+
+    Layers are numbered from 0 on the x axis, as ``--layer`` and the tables number them.
+    """
     from crate_vis.viz.plots import LayerSeries, plot_layer_metric, save_figure
 
     sc = results["scores"]
     depth = len(sc["crate"]["attention"])
+    layers = list(range(depth))  # 0 .. depth-1
+
+    def series(key: str, values: list[float], err: list[float] | None = None) -> LayerSeries:
+        return LayerSeries(_LABELS[key], values, err, layers=layers)
+
     paths = []
-    prior = LayerSeries("centre-box prior", [results["centre_prior_jaccard"]] * depth)
-    fig = plot_layer_metric([LayerSeries(_LABELS[k], [r["mean_attention"] for r in sc[k]["attention"]]) for k in _LABELS],
+    prior = LayerSeries("centre-box prior", [results["centre_prior_jaccard"]] * depth, layers=layers)
+    fig = plot_layer_metric([series(k, [r["mean_attention"] for r in sc[k]["attention"]]) for k in _LABELS],
                             "Jaccard (DINO mask)", baseline=prior,
                             title="CLS attention (head mean) vs object")  # fmt: skip
     paths.append(save_figure(fig, out / "emergence_jaccard.png", dpi=150))
-    fig = plot_layer_metric([LayerSeries(_LABELS[k], [r["AP50"] * 100 for r in sc[k]["maskcut"]]) for k in _LABELS],
+    fig = plot_layer_metric([series(k, [r["AP50"] * 100 for r in sc[k]["maskcut"]]) for k in _LABELS],
                             "MaskCut AP50 (%)", title="MaskCut on each layer's features")  # fmt: skip
     paths.append(save_figure(fig, out / "emergence_maskcut.png", dpi=150))
     for metric, ylabel in (("coding_rate", "coding rate"), ("sparsity", "fraction of zeros")):
-        wb = [LayerSeries(_LABELS[k], sc[k]["whitebox"][metric]["mean"], sc[k]["whitebox"][metric]["std"])
-              for k in _LABELS]  # fmt: skip
+        wb = [series(k, sc[k]["whitebox"][metric]["mean"], sc[k]["whitebox"][metric]["std"]) for k in _LABELS]
         fig = plot_layer_metric(wb, ylabel, title=f"{metric.replace('_', ' ')} by layer")
         paths.append(save_figure(fig, out / f"emergence_{metric}.png", dpi=150))
     return paths
@@ -689,7 +696,7 @@ def write_figures(
         attn = _cls_attention(trained[name].model, batch.images[idx], best_layer).float()
         fg = upsample_masks(dino_foreground(attn, s.mass, combine="mean"), batch.images.shape[-1] // attn.shape[-1])
         evaluated[name]["_fg"] = fg.numpy()
-        titles += [f"{label[name]} DINO L{best_layer + 1}", f"{label[name]} MaskCut"]
+        titles += [f"{label[name]} DINO L{best_layer}", f"{label[name]} MaskCut"]
     for r, i in enumerate(idx):
         row = [batch.pixels[i], mask_overlay(batch.pixels[i], batch.masks[i])]
         for name in MODEL_NAMES:
@@ -728,7 +735,7 @@ def summary_table(results: dict[str, Any]) -> str:
         rows.append(
             f"| {label[key]} | {m['params']:,} | {m['steps'] if trained else 0} | "
             f"{m['train_seconds'] if trained else '-'} | {sc[key]['test_top1']:.1f} | "
-            f"{_f(att[best]['mean_attention'])} (L{best + 1}) | {_f(att[-1]['mean_attention'])} / "
+            f"{_f(att[best]['mean_attention'])} (L{best}) | {_f(att[-1]['mean_attention'])} / "
             f"{_f(att[-1]['heads_mean'])} / {_f(att[-1]['best_head'])} (h{att[-1]['best_fixed_head']}) | "
             f"{_f(att[-1]['attention_in_object'])} | {_f(mc[-1]['AP'], True)} / {_f(mc[-1]['AP50'], True)} |"
         )
@@ -736,7 +743,10 @@ def summary_table(results: dict[str, Any]) -> str:
 
 
 def layer_table(results: dict[str, Any]) -> str:
-    """Per-layer Jaccard (mean attention / heads mean / union), MaskCut AP50, coding rate and sparsity."""
+    """Per-layer Jaccard (mean attention / heads mean / union), MaskCut AP50, coding rate and sparsity.
+
+    Layers are numbered from 0 (the first block), as ``--layer`` numbers them.
+    """
     sc = results["scores"]
     keys = ("crate", "vit", "crate_init", "vit_init")
     head = "| layer | " + " | ".join(
@@ -745,7 +755,7 @@ def layer_table(results: dict[str, Any]) -> str:
     rows = [head, "|---" * (1 + 4 * 2 + 2) + "|"]
     depth = len(sc["crate"]["attention"])
     for layer in range(depth):
-        cells = [str(layer + 1)]
+        cells = [str(layer)]
         for k in keys[:2]:
             a = sc[k]["attention"][layer]
             wb = sc[k]["whitebox"]
@@ -766,7 +776,7 @@ def findings(results: dict[str, Any]) -> list[str]:
 
     def best(key: str, metric: str = "mean_attention") -> tuple[float, int]:
         vals = [r[metric] for r in sc[key]["attention"]]
-        return max(vals), int(np.argmax(vals)) + 1
+        return max(vals), int(np.argmax(vals))
 
     out = []
     (cj, cl), (vj, vl) = best("crate"), best("vit")
@@ -832,7 +842,8 @@ def write_report(results: dict[str, Any], path: str | Path) -> Path:
         "choices. \"attention on object\": share of the CLS attention to patches that lands on patches at least "
         "half covered by the object (mean over heads and images).",
         "",
-        "Per layer (J: Jaccard of DINO masks with the object mask):",
+        "Per layer (J: Jaccard of DINO masks with the object mask; layers numbered from 0, as `--layer` numbers "
+        "them):",
         "",
         layer_table(results),
         "",
