@@ -19,8 +19,8 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,12 +30,13 @@ import numpy as np
 from ..data.image_geometry import ImageGeometry
 from ..errors import DatasetError, UsageError
 from ..groundtruth import COCODataset, open_dataset
-from ..io.coco import read_results
+from ..io.coco import check_image_id, read_results
 from ..io.images import read_label_png
+from ..io.jsonfile import read_json
 from ..io.segment_output import is_segment_output, load_prediction_masks, load_segment_output
 from ..metrics import COCO_STAT_NAMES, scoring
 
-__all__ = ["PROTOCOLS", "ScoreConfig", "score_predictions", "format_table", "jsonable"]
+__all__ = ["PROTOCOLS", "ScoreConfig", "score_predictions", "format_table", "jsonable", "check_output_file"]
 
 PROTOCOLS = ("coco", "jaccard", "miou", "corloc", "saliency", "parts")
 
@@ -75,17 +76,84 @@ def _results_path(pred: Path) -> Path:
     return pred
 
 
+def _index_entries(entries: Any, path: Path, id_key: str) -> dict[Any, str]:
+    """``id -> file_name`` of a list of ``{id_key, file_name}`` objects; ids unique, of the image-id rule."""
+    if not isinstance(entries, list):
+        raise DatasetError(path, "top level", f"expected a list of images, got {type(entries).__name__}")
+    out: dict[Any, str] = {}
+    for k, e in enumerate(entries):
+        entry = f"[{k}]"
+        if not isinstance(e, dict) or id_key not in e or "file_name" not in e:
+            raise DatasetError(path, entry, f"needs {id_key!r} and 'file_name'")
+        check_image_id(e[id_key], path, entry, id_key)
+        if not isinstance(e["file_name"], str) or not e["file_name"]:
+            raise DatasetError(path, entry, f"file_name must be a non-empty string, got {e['file_name']!r}")
+        if e[id_key] in out:
+            raise DatasetError(path, entry, f"a second image with {id_key} {e[id_key]!r} ({out[e[id_key]]!r} and "
+                               f"{e['file_name']!r})")  # fmt: skip
+        out[e[id_key]] = e["file_name"]
+    return out
+
+
 def _id_to_file(pred: Path) -> dict[Any, str] | None:
-    """The ``image_id -> file_name`` of a segmentation output (its ``images.json``), else ``None``."""
+    """The ``image_id -> file_name`` of a segmentation output, else ``None`` (a results json of the ground truth's ids).
+
+    Read from the output's ``images.json``, or, when that index is missing, rebuilt from its per-image records
+    (``images/<name>.json``, each holding its ``image_id`` and ``file_name``).
+
+    Raises:
+        DatasetError: an unreadable or inconsistent index, or a segmentation output (it has ``run.json``) with
+            neither the index nor the records: its ids could not be paired with file names.
+    """
     folder = pred if pred.is_dir() else pred.parent
-    index = folder / "images.json"
-    if not (pred.is_dir() or pred.name == "results.json") or not index.is_file():
+    if not (pred.is_dir() or pred.name == "results.json"):
         return None
+    index = folder / "images.json"
+    if index.exists():
+        return _index_entries(read_json(index, "images"), index, "id")
+    records = sorted((folder / "images").glob("*.json")) if (folder / "images").is_dir() else []
+    if records:
+        entries = []
+        for rec in records:
+            data = read_json(rec, "segment record")
+            if not isinstance(data, dict) or "image_id" not in data or "file_name" not in data:
+                raise DatasetError(rec, "segment record", "needs 'image_id' and 'file_name'")
+            entries.append(data)
+        return _index_entries(entries, folder / "images", "image_id")
+    if (folder / "run.json").is_file():
+        raise DatasetError(folder, "segment output", "has neither images.json nor per-image records (images/*.json): "
+                           "its image ids cannot be paired with file names; run `crate-vis segment` again")  # fmt: skip
+    return None
+
+
+def check_output_file(path: str | os.PathLike[str], inputs: tuple[str | os.PathLike[str], ...] = ()) -> Path:
+    """Make sure a result file can be written at ``path`` before any work: not a folder nor another non-regular
+    file, not one of ``inputs`` (the files scored), its parent a folder (created when absent) that is writable.
+
+    Raises:
+        UsageError: one line naming ``path``.
+    """
+    out = Path(path)
+    for given in inputs:
+        if out.is_file() and Path(given).is_file() and os.path.samefile(out, given):
+            raise UsageError(f"--output {out}: is an input of the scoring ({given}); give another file name")
+    if out.is_dir():
+        raise UsageError(f"--output {out}: is a folder; give a file name (e.g. {out / 'score.json'})")
+    parent = out.parent
+    for above in (parent, *parent.parents):
+        if above.exists():
+            if not above.is_dir():
+                raise UsageError(f"--output {out}: {above} is a file, not a folder")
+            break
     try:
-        entries = json.loads(index.read_text(encoding="utf-8"))
-        return {e["id"]: str(e["file_name"]) for e in entries}
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise DatasetError(index, "images", f"unreadable ({err})") from None
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--output {out}: cannot create the folder {parent} ({err.strerror or err})") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--output {out}: the folder {parent} is not writable")
+    if out.exists() and not out.is_file():
+        raise UsageError(f"--output {out}: exists and is not a regular file")
+    return out
 
 
 def _read_maps(folder: Path, what: str) -> dict[str, np.ndarray]:
@@ -151,11 +219,11 @@ def score_predictions(pred: str | Path, gt: str | Path, config: ScoreConfig = Sc
             boxes = scoring.boxes_from_masks(dataset, seg.masks, "first", scores=seg.scores)
             source = "box of the top-scoring mask per image (segmentation output)"
         elif pred.suffix == ".json":
-            boxes = scoring.top_boxes_from_results(read_results(pred), str(pred))
-            unknown = [k for k in boxes if k not in set(dataset.image_ids)]
-            if unknown:
-                raise DatasetError(pred, "image_id", f"{len(unknown)} detection(s) for image ids the ground truth "
-                                   f"does not have: {', '.join(map(repr, unknown[:10]))}")  # fmt: skip
+            results = read_results(pred)
+            id_to_file = _id_to_file(pred)
+            if id_to_file is not None:  # a segmentation output's results.json: its own ids, paired by file name
+                results = scoring.translate_ids(dataset, results, id_to_file, str(pred))[0]
+            boxes = scoring.top_boxes_from_results(results, str(pred), dataset)
             source = "top-scoring detection per image"
         else:
             boxes = scoring.boxes_from_masks(dataset, load_prediction_masks(pred), config.box_from)

@@ -41,8 +41,8 @@ def open_dataset(
     p = Path(path)
     if p.suffix.lower() == ".json":
         data = load_coco_json(p)
-        anns = data.get("annotations") if isinstance(data, dict) else None
-        if anns and isinstance(anns[0], dict) and "segments_info" in anns[0]:
+        anns = data.get("annotations")
+        if isinstance(anns, list) and anns and isinstance(anns[0], dict) and "segments_info" in anns[0]:
             return COCOPanopticDataset(p, image_root=image_root)
         return COCODataset(p, image_root=image_root)
     if not p.exists():

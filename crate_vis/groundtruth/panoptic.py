@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..io.coco import find_image_root, load_coco_json
+from ..io.coco import check_image_id, find_image_root, load_coco_json
 from .base import VOID, BaseSegmentationDataset, DatasetError, Instance, instance_from_mask
 
 __all__ = ["COCOPanopticDataset", "rgb_to_id", "id_to_rgb"]
@@ -58,32 +58,46 @@ class COCOPanopticDataset(BaseSegmentationDataset):
         for key in ("images", "annotations", "categories"):
             if key not in data:
                 raise DatasetError(self.path, "top level", f"missing key {key!r}")
+            if not isinstance(data[key], list):
+                raise DatasetError(self.path, key, f"must be a list, got {type(data[key]).__name__}")
         self.categories: dict[int, dict[str, Any]] = {}
         for i, cat in enumerate(data["categories"]):
             if not isinstance(cat, dict) or "id" not in cat:
                 raise DatasetError(self.path, f"categories[{i}]", "missing key 'id'")
+            check_image_id(cat["id"], self.path, f"categories[{i}]")
             if cat["id"] == VOID:
                 raise DatasetError(self.path, f"categories[{i}]", f"category id {VOID} collides with the void label")
             self.categories[cat["id"]] = cat
         self.images: dict[Any, dict[str, Any]] = {}
         for i, img in enumerate(data["images"]):
+            if not isinstance(img, dict):
+                raise DatasetError(self.path, f"images[{i}]", f"expected an object, got {type(img).__name__}")
             for key in ("id", "width", "height", "file_name"):
                 if key not in img:
                     raise DatasetError(self.path, f"images[{i}]", f"missing key {key!r}")
+            check_image_id(img["id"], self.path, f"images[{i}]")
+            if img["id"] in self.images:
+                raise DatasetError(self.path, f"images[{i}]", f"duplicate image id {img['id']!r}")
             self.images[img["id"]] = img
         self.anns: dict[Any, dict[str, Any]] = {}
         for i, ann in enumerate(data["annotations"]):
+            if not isinstance(ann, dict):
+                raise DatasetError(self.path, f"annotations[{i}]", f"expected an object, got {type(ann).__name__}")
             for key in ("image_id", "file_name", "segments_info"):
                 if key not in ann:
                     raise DatasetError(self.path, f"annotations[{i}]", f"missing key {key!r}")
+            check_image_id(ann["image_id"], self.path, f"annotations[{i}]", "image_id")
+            if not isinstance(ann["segments_info"], list):
+                raise DatasetError(self.path, f"annotations[{i}]", "segments_info must be a list")
             if ann["image_id"] not in self.images:
                 raise DatasetError(
                     self.path, f"annotations[{i}]", f"image_id {ann['image_id']!r} is not among the images"
                 )
             for j, seg in enumerate(ann["segments_info"]):
                 where = f"annotations[{i}].segments_info[{j}]"
-                if "id" not in seg or "category_id" not in seg:
+                if not isinstance(seg, dict) or "id" not in seg or "category_id" not in seg:
                     raise DatasetError(self.path, where, "needs 'id' and 'category_id'")
+                check_image_id(seg["category_id"], self.path, where, "category_id")
                 if seg["category_id"] not in self.categories:
                     raise DatasetError(self.path, where, f"unknown category_id {seg['category_id']!r}")
             self.anns[ann["image_id"]] = ann

@@ -5,7 +5,7 @@
   LEB128-like string. Everything here returns JSON-ready dicts (compressed ``counts`` as ``str``, never ``bytes``),
   ``size`` height first.
 * **Instance files**: :func:`load_coco_json` and :func:`validate_coco_instances` (errors name the file and the
-  entry), :func:`quiet_coco` (a pycocotools index without its prints), :func:`find_image_root` (where the images of
+  entry; :func:`check_image_id` and :func:`check_bbox` the rules shared with every other reader), :func:`quiet_coco` (a pycocotools index without its prints), :func:`find_image_root` (where the images of
   a json are, in the common layouts).
 * **Results files** (``COCO.loadRes`` format): :func:`result_entry`, :func:`masks_to_results`,
   :func:`write_results`, :func:`read_results`.
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -38,12 +38,13 @@ from pycocotools.coco import COCO
 
 from ..errors import DatasetError
 from .atomic import atomic_write_json
+from .jsonfile import read_json
 
 __all__ = [
     "mask_to_rle", "mask_to_uncompressed_rle", "rle_to_mask", "rle_area", "rle_bbox", "segmentation_to_rle",
     "check_segmentation", "decode_rle_counts", "mask_bbox", "load_coco_json", "validate_coco_instances",
     "quiet_coco", "find_image_root", "coco_image_path", "result_entry", "masks_to_results", "write_results",
-    "read_results", "validate_detections",
+    "read_results", "validate_detections", "check_image_id", "check_bbox",
 ]  # fmt: skip
 
 
@@ -157,46 +158,88 @@ def decode_rle_counts(counts: str | bytes) -> list[int]:
     return runs
 
 
+def _size_pair(value: Any) -> list[int]:
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(_whole_number(v) for v in value)):
+        raise ValueError(f"an RLE size is [height, width] of two integers, got {value!r}")
+    return [int(v) for v in value]
+
+
+def _check_polygon(i: int, poly: Any, height: int, width: int) -> None:
+    """A polygon of finite coordinates near the image: pycocotools rasterises one with a NaN, an infinity or a far
+    away point by allocating memory in proportion to its perimeter (gigabytes) or crashes."""
+    if not isinstance(poly, (list, tuple)):
+        raise ValueError(f"polygon {i} is not a list of numbers")
+    try:
+        arr = np.asarray(poly)
+    except (ValueError, TypeError, OverflowError):
+        raise ValueError(f"polygon {i} is not a list of numbers") from None
+    if arr.ndim != 1 or arr.dtype.kind not in "iuf":
+        raise ValueError(f"polygon {i} is not a list of numbers")
+    if len(poly) < 6:
+        raise ValueError(f"polygon {i} has {len(poly)} numbers: fewer than three points (6 numbers)")
+    if len(poly) % 2:
+        raise ValueError(f"polygon {i} has an odd number of coordinates ({len(poly)})")
+    xy = arr.astype(np.float64).reshape(-1, 2)  # (points, 2) as x, y
+    bad = ~np.isfinite(xy)
+    if bad.any():
+        k = int(np.flatnonzero(bad.reshape(-1))[0])
+        raise ValueError(f"polygon {i} holds the non-finite coordinate {poly[k]!r} (number {k})")
+    # a point may lie a little outside the image (annotation tools allow it); one beyond an image's size past its
+    # border is a corrupt coordinate
+    far = (xy[:, 0] < -width) | (xy[:, 0] > 2 * width) | (xy[:, 1] < -height) | (xy[:, 1] > 2 * height)
+    if far.any():
+        p = int(np.flatnonzero(far)[0])
+        raise ValueError(
+            f"polygon {i} has the point ({poly[2 * p]!r}, {poly[2 * p + 1]!r}) far outside the {height}x{width} image"
+        )
+
+
 def check_segmentation(segmentation: Any, height: int, width: int) -> None:
     """Validate a COCO ``segmentation`` field without rasterising it.
 
+    Polygons must be lists of at least six finite numbers, an even count, their points within one image size of the
+    image; an RLE must be of the image's size, its counts summing to ``height * width``.
+
     Raises:
-        ValueError: polygons with fewer than three points or an odd coordinate count, RLEs of another size than
-            ``height x width``, uncompressed counts that do not sum to ``height * width``.
+        ValueError: the first thing wrong, in one line.
+
+    Example:
+        >>> check_segmentation([[0, 0, 4, 0, 4, float("nan")]], 8, 8)
+        Traceback (most recent call last):
+        ...
+        ValueError: polygon 0 holds the non-finite coordinate nan (number 5)
     """
     if isinstance(segmentation, dict):
         if "size" not in segmentation or "counts" not in segmentation:
-            raise ValueError(f"an RLE needs 'size' and 'counts', got keys {sorted(segmentation)}")
-        size = [int(v) for v in segmentation["size"]]
+            raise ValueError(f"an RLE needs 'size' and 'counts', got keys {sorted(map(str, segmentation))}")
+        size = _size_pair(segmentation["size"])
         if size != [height, width]:
             raise ValueError(f"RLE of size {size[0]}x{size[1]} for an image of {height}x{width}")
         counts = segmentation["counts"]
-        if isinstance(counts, list) and sum(int(c) for c in counts) != height * width:
-            raise ValueError(f"uncompressed RLE counts sum to {sum(counts)}, expected H*W = {height * width}")
         if not isinstance(counts, (list, str, bytes)):
             raise ValueError(f"RLE counts must be a list, str or bytes, got {type(counts).__name__}")
         if isinstance(counts, list):
-            if any(not isinstance(c, (int, np.integer)) or c < 0 for c in counts):
+            if any(not isinstance(c, (int, np.integer)) or isinstance(c, bool) or c < 0 for c in counts):
                 raise ValueError("uncompressed RLE counts must be non-negative integers")
+            if sum(counts) != height * width:
+                raise ValueError(f"uncompressed RLE counts sum to {sum(counts)}, expected H*W = {height * width}")
         else:
-            runs = decode_rle_counts(counts)
+            try:
+                runs = decode_rle_counts(counts)
+            except UnicodeDecodeError:
+                raise ValueError("compressed RLE counts hold bytes that are not ASCII") from None
             if any(c < 0 for c in runs) or sum(runs) != height * width:
                 raise ValueError(
                     f"compressed RLE counts decode to runs summing to {sum(runs)} (negative runs: "
                     f"{sum(c < 0 for c in runs)}), expected H*W = {height * width}: corrupt counts"
                 )
         return
-    if not isinstance(segmentation, Sequence) or isinstance(segmentation, (str, bytes)):
+    if not isinstance(segmentation, (list, tuple)):
         raise ValueError(f"segmentation must be polygons or an RLE dict, got {type(segmentation).__name__}")
     if not segmentation:
         raise ValueError("empty polygon list")
     for i, poly in enumerate(segmentation):
-        if not isinstance(poly, Sequence) or isinstance(poly, (str, bytes)):
-            raise ValueError(f"polygon {i} is not a list of numbers")
-        if len(poly) < 6:
-            raise ValueError(f"polygon {i} has {len(poly)} numbers: fewer than three points (6 numbers)")
-        if len(poly) % 2:
-            raise ValueError(f"polygon {i} has an odd number of coordinates ({len(poly)})")
+        _check_polygon(i, poly, height, width)
 
 
 def segmentation_to_rle(segmentation: Any, height: int, width: int) -> dict[str, Any]:
@@ -220,15 +263,68 @@ def segmentation_to_rle(segmentation: Any, height: int, width: int) -> dict[str,
 
 
 # ---------------------------------------------------------------------------------------------- instance files
+def _whole_number(v: Any) -> bool:
+    """An int (not a bool), or a float with an integral value."""
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, (int, np.integer)):
+        return True
+    return isinstance(v, (float, np.floating)) and math.isfinite(v) and float(v).is_integer()
+
+
+def check_image_id(value: Any, path: str | os.PathLike[str], entry: str, what: str = "id") -> None:
+    """The rule for image ids of every COCO reader (ground truth, ``segment`` inputs, a segmentation's index): an
+    integer or a string, never a bool, a float or a container.
+
+    Raises:
+        DatasetError: naming ``path``, ``entry`` and the value.
+
+    Example:
+        >>> check_image_id(7, "gt.json", "images[0]"); check_image_id("0001", "gt.json", "images[0]")
+        >>> check_image_id([7], "gt.json", "images[0]")
+        Traceback (most recent call last):
+        ...
+        crate_vis.errors.DatasetError: gt.json: images[0]: id must be an integer or a string, got [7]
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise DatasetError(path, entry, f"{what} must be an integer or a string, got {value!r}")
+
+
+def check_bbox(box: Any) -> str | None:
+    """What is wrong with a ``[x, y, w, h]`` box (four finite numbers, ``w, h >= 0``), or ``None`` when it is good.
+
+    Example:
+        >>> check_bbox([0, 0, 4, 2]) is None, check_bbox([0, 0, float("nan"), 2])
+        (True, 'bbox must be [x, y, w, h] of finite numbers with w, h >= 0, got [0, 0, nan, 2]')
+    """
+    if (
+        isinstance(box, (list, tuple))
+        and len(box) == 4
+        and all(_finite_number(v) for v in box)
+        and box[2] >= 0
+        and box[3] >= 0
+    ):
+        return None
+    return f"bbox must be [x, y, w, h] of finite numbers with w, h >= 0, got {box!r}"
+
+
 def load_coco_json(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a json file, naming the file in any error."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except FileNotFoundError:
-        raise DatasetError(path, "file", "not found") from None
-    except json.JSONDecodeError as err:
-        raise DatasetError(path, "file", f"not valid JSON ({err})") from None
+    """Read a COCO json file (:func:`~crate_vis.io.jsonfile.read_json`), naming the file in any error.
+
+    The image ids are checked here (:func:`check_image_id`), so every reader of COCO files applies one rule; the
+    rest of the format is checked by :func:`validate_coco_instances` (instances) or the reader.
+
+    Raises:
+        DatasetError: not found, not JSON, not an object, or an image id of the wrong type.
+    """
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise DatasetError(path, "top level", f"a COCO file is a JSON object, got {type(data).__name__}")
+    images = data.get("images")
+    if isinstance(images, list):
+        for i, img in enumerate(images):
+            if isinstance(img, dict) and "id" in img:
+                check_image_id(img["id"], path, f"images[{i}]")
     return data
 
 
@@ -243,38 +339,54 @@ def _require(path: Any, entry: str, obj: Any, keys: tuple[str, ...]) -> None:
 def validate_coco_instances(data: Any, path: str | os.PathLike[str] = "<memory>") -> dict[str, Any]:
     """Check a COCO instance dict and fill in what COCOeval needs but the file may omit.
 
-    Checks: the top-level lists; ``id``/``width``/``height``/``file_name`` of every image (unique ids);
-    ``id``/``name`` of every category; ``id``/``image_id``/``category_id``/``segmentation`` of every annotation;
-    annotation ``image_id`` and ``category_id`` that exist; polygons of at least three points; RLEs of the image's
-    size. Fills ``iscrowd`` (0), ``area`` and ``bbox`` from the mask when absent.
+    Checks: the top-level lists; ``id`` (:func:`check_image_id`, unique), ``width``/``height`` (positive integers)
+    and ``file_name`` of every image; ``id``/``name`` of every category (integer or string ids); ``id``/``image_id``/
+    ``category_id``/``segmentation`` of every annotation; annotation ``image_id`` and ``category_id`` that exist;
+    segmentations (:func:`check_segmentation`: finite polygons of at least three points, RLEs of the image's size);
+    a ``bbox`` present: four finite numbers with ``w, h >= 0``; an ``area`` present: finite and ``>= 0``;
+    ``iscrowd`` 0 or 1. Fills ``iscrowd`` (0), ``area`` and ``bbox`` from the mask when absent.
 
     Returns:
         ``data`` (annotations completed in place).
 
     Raises:
-        DatasetError: naming ``path`` and the offending entry.
+        DatasetError: naming ``path``, the offending entry and the bad value.
     """
     _require(path, "top level", data, ("images", "annotations", "categories"))
-    images: dict[int, dict[str, Any]] = {}
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data[key], list):
+            raise DatasetError(path, key, f"must be a list, got {type(data[key]).__name__}")
+    images: dict[Any, dict[str, Any]] = {}
     for i, img in enumerate(data["images"]):
-        _require(path, f"images[{i}]", img, ("id", "width", "height", "file_name"))
+        entry = f"images[{i}]"
+        _require(path, entry, img, ("id", "width", "height", "file_name"))
+        check_image_id(img["id"], path, entry)
         if img["id"] in images:
-            raise DatasetError(path, f"images[{i}]", f"duplicate image id {img['id']}")
+            raise DatasetError(path, entry, f"duplicate image id {img['id']!r}")
+        for key in ("height", "width"):
+            if not (_whole_number(img[key]) and img[key] >= 1):
+                raise DatasetError(path, entry, f"{key} must be a positive integer, got {img[key]!r}")
+        if not isinstance(img["file_name"], str) or not img["file_name"]:
+            raise DatasetError(path, entry, f"file_name must be a non-empty string, got {img['file_name']!r}")
         images[img["id"]] = img
     cats = set()
     for i, cat in enumerate(data["categories"]):
         _require(path, f"categories[{i}]", cat, ("id", "name"))
+        check_image_id(cat["id"], path, f"categories[{i}]")
         cats.add(cat["id"])
     seen_ann: set[Any] = set()
     for i, ann in enumerate(data["annotations"]):
         _require(path, f"annotations[{i}]", ann, ("id", "image_id", "category_id", "segmentation"))
-        entry = f"annotations[{i}] (id {ann['id']})"
+        check_image_id(ann["id"], path, f"annotations[{i}]")
+        entry = f"annotations[{i}] (id {ann['id']!r})"
         if ann["id"] in seen_ann:
             raise DatasetError(path, entry, "duplicate annotation id")
         seen_ann.add(ann["id"])
+        check_image_id(ann["image_id"], path, entry, "image_id")
         img = images.get(ann["image_id"])
         if img is None:
             raise DatasetError(path, entry, f"image_id {ann['image_id']!r} is not among the images")
+        check_image_id(ann["category_id"], path, entry, "category_id")
         if ann["category_id"] not in cats:
             raise DatasetError(path, entry, f"unknown category_id {ann['category_id']!r}")
         h, w = int(img["height"]), int(img["width"])
@@ -282,13 +394,16 @@ def validate_coco_instances(data: Any, path: str | os.PathLike[str] = "<memory>"
             check_segmentation(ann["segmentation"], h, w)
         except ValueError as err:
             raise DatasetError(path, entry, f"segmentation: {err}") from None
-        ann.setdefault("iscrowd", 0)
+        if "bbox" in ann and (problem := check_bbox(ann["bbox"])) is not None:
+            raise DatasetError(path, entry, problem)
+        if "area" in ann and not (_finite_number(ann["area"]) and ann["area"] >= 0):
+            raise DatasetError(path, entry, f"area must be a finite number >= 0, got {ann['area']!r}")
+        if ann.setdefault("iscrowd", 0) not in (0, 1) or not isinstance(ann["iscrowd"], (int, bool)):
+            raise DatasetError(path, entry, f"iscrowd must be 0 or 1, got {ann['iscrowd']!r}")
         if "area" not in ann or "bbox" not in ann:  # rasterise only when something must be derived
             rle = segmentation_to_rle(ann["segmentation"], h, w)
             ann.setdefault("area", float(rle_area(rle)))
             ann.setdefault("bbox", rle_bbox(rle))
-        if not (isinstance(ann["bbox"], (list, tuple)) and len(ann["bbox"]) == 4):
-            raise DatasetError(path, entry, f"bbox must be [x, y, w, h], got {ann['bbox']!r}")
     return data
 
 
@@ -373,23 +488,22 @@ def read_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Read a COCO results json (a list of detections), naming the file in errors.
 
     Raises:
-        FileNotFoundError: no such file.
-        DatasetError: not JSON, or not a list.
+        DatasetError: not found, not JSON (:func:`~crate_vis.io.jsonfile.read_json`), or not a list.
     """
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: results file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DatasetError(path, "file", f"not valid JSON ({err})") from None
+    data = read_json(path)
     if not isinstance(data, list):
         raise DatasetError(path, "file", f"a COCO results file is a list of detections, got {type(data).__name__}")
     return data
 
 
 def _finite_number(v: Any) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and bool(np.isfinite(v))
+    """A finite int or float (not a bool), small enough to be a float."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
 
 
 def validate_detections(
@@ -422,6 +536,7 @@ def validate_detections(
         if "image_id" not in d or "score" not in d:
             missing = [k for k in ("image_id", "score") if k not in d]
             raise DatasetError(where, "", f"missing field(s) {', '.join(repr(k) for k in missing)}")
+        check_image_id(d["image_id"], where, "", "image_id")
         if image_sizes is not None and d["image_id"] not in image_sizes:
             unknown.append(d["image_id"])
             continue
@@ -451,12 +566,10 @@ def validate_detections(
             if rle and isinstance(seg["counts"], bytes):
                 d["segmentation"] = {**seg, "counts": seg["counts"].decode("ascii")}
         if has_box:
-            box = d["bbox"]
-            if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(_finite_number(v) for v in box)) or (
-                box[2] < 0 or box[3] < 0
-            ):
-                raise DatasetError(where, "", f"bbox must be [x, y, w, h] of finite numbers with w, h >= 0, got {box!r}")
-            d["bbox"] = [float(v) for v in box]
+            problem = check_bbox(d["bbox"])
+            if problem is not None:
+                raise DatasetError(where, "", problem)
+            d["bbox"] = [float(v) for v in d["bbox"]]
         elif has_seg and need != "segm":
             d["bbox"] = rle_bbox(d["segmentation"])
         out.append(d)

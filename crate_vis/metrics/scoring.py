@@ -24,7 +24,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -32,7 +32,7 @@ import numpy as np
 
 from ..data.image_geometry import ImageGeometry, resize_nearest
 from ..errors import DatasetError, UsageError
-from ..io.coco import mask_bbox, validate_detections
+from ..io.coco import check_image_id, mask_bbox, validate_detections
 from .base import to_numpy
 from .coco_ap import CocoAP
 from .corloc import CorLoc
@@ -43,7 +43,7 @@ from .saliency import Saliency
 
 __all__ = [
     "match_predictions", "match_key", "score_coco", "score_jaccard", "score_miou", "score_corloc",
-    "score_head_parts", "score_saliency", "top_boxes_from_results", "boxes_from_masks",
+    "score_head_parts", "score_saliency", "top_boxes_from_results", "boxes_from_masks", "translate_ids",
 ]  # fmt: skip
 
 
@@ -133,6 +133,43 @@ def match_predictions(
     return pairs, missing
 
 
+def translate_ids(
+    gt: Any, results: Sequence[Any], id_to_file: Mapping[Any, str], source: str = "results"
+) -> tuple[list[Any], list[Any]]:
+    """Detections under the predictions' own image ids (``id_to_file``: a segmentation output's ``images.json``)
+    moved to the ground truth's ids, the images paired by file name (:func:`match_key`).
+
+    Returns:
+        ``(detections, missing)``: copies of the detections with the ground truth's ids (entries that are not
+        objects are passed on for the detection check to refuse), and the ground-truth ids ``id_to_file`` lists
+        no file of.
+
+    Raises:
+        DatasetError: a listed file name matching no ground-truth image or several, two listed files matching one
+            image, or a detection whose id ``id_to_file`` does not list.
+    """
+    translated: dict[Any, Any] = {}
+    owner: dict[Any, str] = {}
+    for pid, fname in id_to_file.items():
+        gid = match_key(gt, fname)
+        if gid in owner:
+            raise DatasetError(str(fname), "prediction", f"matches the same ground-truth image as {owner[gid]!r}")
+        owner[gid] = str(fname)
+        translated[pid] = gid
+    out: list[Any] = []
+    for i, det in enumerate(results):
+        if not isinstance(det, Mapping) or "image_id" not in det:
+            out.append(det)
+            continue
+        check_image_id(det["image_id"], f"{source}[{i}]", "", "image_id")
+        if det["image_id"] not in translated:
+            raise DatasetError(f"{source}[{i}]", "", f"image_id {det['image_id']!r} is not among the images the "
+                               "predictions list (a segmentation output's images.json or images/*.json)")  # fmt: skip
+        out.append({**det, "image_id": translated[det["image_id"]]})
+    missing = [i for i in gt.image_ids if i not in owner]
+    return out, missing
+
+
 def score_coco(
     gt: Any,
     results: Sequence[Mapping[str, Any]],
@@ -158,25 +195,16 @@ def score_coco(
     Returns:
         ``{"protocol": "coco", "class_agnostic": ..., "segm": {...}, "bbox": {...}}``.
     """
-    dets = [dict(d) for d in results]
+    dets: list[Any] = list(results)
     n_missing = 0
     if id_to_file is not None:
-        listed = {i: f for i, f in id_to_file.items()}
-        translated = {}
-        for pid, fname in listed.items():
-            translated[pid] = match_key(gt, fname)
-        for i, d in enumerate(dets):
-            if d.get("image_id") not in translated:
-                raise DatasetError(f"{source}[{i}]", "", f"image_id {d.get('image_id')!r} is not in the predictions' images.json")
-            d["image_id"] = translated[d["image_id"]]
-        covered = set(translated.values())
-        missing = [i for i in gt.image_ids if i not in covered]
+        dets, missing = translate_ids(gt, dets, id_to_file, source)
         n_missing = len(missing)
         if missing and not allow_missing:
             shown = ", ".join(_file_name(gt, i) for i in missing[:10])
             raise DatasetError("predictions", "missing", f"{len(missing)} of {len(gt.image_ids)} ground-truth images "
                                f"were not segmented ({shown}); pass --allow-missing to count them as missed")  # fmt: skip
-    has_segm = all("segmentation" in d for d in dets)
+    has_segm = all(isinstance(d, Mapping) and "segmentation" in d for d in dets)
     out: dict[str, Any] = {"protocol": "coco", "class_agnostic": class_agnostic, "n_missing": n_missing}
     for t in iou_types:
         if t == "segm" and not has_segm:
@@ -325,11 +353,42 @@ def _masks_to_grid(masks: np.ndarray, geom: ImageGeometry) -> np.ndarray:
     return np.stack([geom.mask_fraction(m) > 0.5 for m in masks])  # a tie goes to "off", as in the label vote
 
 
-def top_boxes_from_results(results: Sequence[Mapping[str, Any]], source: str = "results") -> dict[Any, list[float]]:
+class _Sizes(Mapping[Any, tuple[int, int]]):
+    """A dataset's image sizes by id, each read when first asked for."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+        self.ids = list(dataset.image_ids)
+        self.known = set(self.ids)
+        self.cache: dict[Any, tuple[int, int]] = {}
+
+    def __getitem__(self, image_id: Any) -> tuple[int, int]:
+        if image_id not in self.known:
+            raise KeyError(image_id)
+        if image_id not in self.cache:
+            h, w = self.dataset.image_size(image_id)
+            self.cache[image_id] = (int(h), int(w))
+        return self.cache[image_id]
+
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self.known
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def top_boxes_from_results(
+    results: Sequence[Mapping[str, Any]], source: str = "results", dataset: Any = None
+) -> dict[Any, list[float]]:
     """The box of the highest-scoring detection of each image (ties: the first listed), after the one detection
-    check (:func:`crate_vis.io.coco.validate_detections`)."""
+    check (:func:`crate_vis.io.coco.validate_detections`) that COCO AP runs: with ``dataset``, against its image ids
+    and sizes (a mask of another size than its image is refused, as COCO AP refuses it)."""
+    sizes = _Sizes(dataset) if dataset is not None else None
     best: dict[Any, tuple[float, list[float]]] = {}
-    for det in validate_detections(results, None, source, need="bbox"):
+    for det in validate_detections(results, sizes, source, need="bbox"):
         if det["image_id"] not in best or det["score"] > best[det["image_id"]][0]:
             best[det["image_id"]] = (float(det["score"]), det["bbox"])
     return {k: v[1] for k, v in best.items()}
