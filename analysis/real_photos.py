@@ -57,6 +57,14 @@ def runs_in(folder: Path, min_epochs: int = 10) -> list[rp.ModelRun]:
     return [r for r in runs if r.weights is not None or r.architecture is not None]
 
 
+#: The readable names of Imagenette's ten ImageNet classes (WordNet ids as its folders name them).
+IMAGENETTE_NAMES = {
+    "n01440764": "tench", "n02102040": "English springer", "n02979186": "cassette player", "n03000684": "chain saw",
+    "n03028079": "church", "n03394916": "French horn", "n03417042": "garbage truck", "n03425413": "gas pump",
+    "n03445777": "golf ball", "n03888257": "parachute",
+}  # fmt: skip
+
+
 def export_default(weights: str, dest: Path, results: dict, sweep: dict, run_dir: Path) -> Path:
     """The photo default: the run's best weights with what they are, how they were made and the settings chosen."""
     from crate_vis import save_model
@@ -74,11 +82,66 @@ def export_default(weights: str, dest: Path, results: dict, sweep: dict, run_dir
         "command": TRAIN.format(model=CRATE_MODEL, epochs=train["epochs"], seed=0, out=run_dir.name),
         "val_top1": train["val_top1_last"],
         "classes": info.get("classes"),
+        "class_names": [IMAGENETTE_NAMES.get(c, c) for c in info.get("classes") or []],
         "img_size": 96,
         "segment": rp.segment_settings(best),
         "horses_jaccard": round(best["jaccard"], 4),
     }
     return save_model(model, dest, metadata=metadata).parent
+
+
+DEFAULT_NAME = "crate_mini_patch8_96.imagenette"
+
+
+def _manifest_text(data: dict) -> str:
+    """The manifest in its committed layout: one line per record field."""
+    records = [
+        "    {\n" + ",\n".join(f"      {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}" for k, v in r.items())
+        + "\n    }"
+        for r in data["weights"]
+    ]  # fmt: skip
+    return "{\n" + f'  "format": {json.dumps(data["format"])},\n  "weights": [\n' + ",\n".join(records) + "\n  ]\n}\n"
+
+
+def record_default(dest: Path, new_user: dict) -> dict:
+    """Write (or replace) the manifest record of the exported default: data, recipe, accuracy, horse score, checksum."""
+    import hashlib
+
+    from crate_vis.io.atomic import atomic_write
+
+    config = json.loads((dest / "config.json").read_text())
+    meta = config["metadata"]
+    weights = dest / "model.safetensors"
+    record = {
+        "name": DEFAULT_NAME,
+        "model": config["name"],
+        "config": {"num_classes": config["kwargs"]["num_classes"]},
+        "layout": "crate-vis project format (model.safetensors + config.json)",
+        "file": f"{dest.name}/model.safetensors",
+        "url": None,
+        "source": f"trained in this repository on {meta['data']}: {meta['command']}; see "
+                  "analysis/results/real_photos.md",
+        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "size": weights.stat().st_size,
+        "license": "MIT (weights trained here; the training photos are not redistributed)",
+        "reported_accuracy": {
+            "dataset": "Imagenette val (3,925 photos, 10 classes), 96 px", "top1": round(meta["val_top1"], 2),
+            "reference": "measured in this repository (analysis/results/real_photos.md)",
+            "weizmann_horse_jaccard": round(new_user["jaccard"], 4),
+            "weizmann_horse_images": new_user["images"],
+            "segment": meta["segment"],
+        },
+    }  # fmt: skip
+    path = dest.parent / "manifest.json"
+    data = json.loads(path.read_text())
+    names = [r["name"] for r in data["weights"]]
+    if DEFAULT_NAME in names:
+        data["weights"][names.index(DEFAULT_NAME)] = record
+    else:
+        data["weights"].append(record)
+    with atomic_write(path, "w") as fh:
+        fh.write(_manifest_text(data))
+    return record
 
 
 def new_user_run(weights: Path, horses: Path) -> dict:
@@ -91,7 +154,8 @@ def new_user_run(weights: Path, horses: Path) -> dict:
     model = resolve_model(str(weights), device="cpu")
     rec = recommended_settings(model)
     segment = SegmentConfig(method=rec["method"], layer=rec["layer"], max_masks=rec.get("max_masks", 3),
-                            tau=rec.get("tau"), mass=rec.get("mass", 0.6))  # as `crate-vis segment` fills them in
+                            tau=rec.get("tau"), mass=rec.get("mass", 0.6),
+                            refine=rec.get("refine", "none"))  # as `crate-vis segment` fills them in
     config = SegmentRunConfig(segment=segment, size=rec["img_size"], progress=False, overlay=None)
     with tempfile.TemporaryDirectory() as tmp:
         segment_images([horses], model, Path(tmp) / "seg", config)
@@ -115,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--min-epochs", type=int, default=10, help="leave out 10-epoch runs that have not finished")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from real_photos.json")
+    parser.add_argument("--sweep-only", action="store_true",
+                        help="keep real_photos.json's tables; redo the sweep of segment's defaults, the export and "
+                             "the new-user run")  # fmt: skip
+    parser.add_argument("--refine-top", type=int, default=16,
+                        help="also score the bilateral refinement on this many best settings of the development half")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -132,30 +201,36 @@ def main(argv: list[str] | None = None) -> int:
                    "    " + TRAIN.format(model=CRATE_MODEL, epochs=40, seed=0, out="RUNS/crate_mini96_e40_s0")],
     }  # fmt: skip
     path = out / "real_photos.json"
-    if args.report_only:
-        payload = json.loads(path.read_text())
-        results, sweep, new_user = payload, payload.get("sweep"), payload.get("new_user")
+    if args.report_only or args.sweep_only:
+        results = json.loads(path.read_text())
     else:
         settings = rp.RealPhotoSettings(runs=runs_in(Path(args.runs), args.min_epochs), grounds={"horses": args.horses, "coco128": args.coco},
                                         out=out, size=args.size, max_images=args.max_images, command=command,
                                         notes=notes)  # fmt: skip
         results = rp.run_real_photos(settings)
-        default = next((r for r in settings.runs if r.label == args.default_run), None)
-        sweep = new_user = None
+    if not args.report_only:
+        results["sweep"] = results["new_user"] = None
+        default = next((r for r in runs_in(Path(args.runs), args.min_epochs) if r.label == args.default_run), None)
         if default is not None:
             from crate_vis.groundtruth import COCODataset
             from crate_vis.models import resolve_model
 
             model = resolve_model(default.weights, device="cpu")
             sizes = [int(s) for s in args.sweep_sizes.split(",")]
-            sweep = {"ground": "horses", **rp.sweep_segment_defaults(model, COCODataset(args.horses), sizes, settings)}
+            settings = rp.RealPhotoSettings(runs=[], grounds={}, out=out, max_images=args.max_images)
+            sweep = rp.sweep_segment_defaults(model, COCODataset(args.horses), sizes, settings,
+                                              refine_top=args.refine_top)  # fmt: skip
+            results["sweep"] = {"ground": "horses", **sweep}
             if args.export_default:
-                dest = export_default(default.weights, Path(args.export_default), results, sweep, Path(default.weights))
-                new_user = new_user_run(dest, Path(args.horses))
-        results["sweep"], results["new_user"] = sweep, new_user
+                dest = export_default(default.weights, Path(args.export_default), results, results["sweep"],
+                                      Path(default.weights))  # fmt: skip
+                results["new_user"] = new_user_run(dest, Path(args.horses))
+                if dest.parent.joinpath("manifest.json").is_file():
+                    record_default(dest, results["new_user"])
         from crate_vis.io.atomic import atomic_write_json
 
         atomic_write_json(path, rp._jsonable(results), indent=1)
+    sweep, new_user = results.get("sweep"), results.get("new_user")
     figures = []
     for ground in results["grounds"]:
         figures.append(rp.layer_curves(results, ground, [LONG, CRATE, VIT, CRATE_INIT, VIT_INIT],

@@ -102,7 +102,15 @@ def test_sweep_chooses_the_best_row_and_checks_it_on_held_out_halves(tiny_crate,
     sweep = rp.sweep_segment_defaults(tiny_crate, COCODataset(small_coco), [32, 48], settings, taus=(0.1, 0.2),
                                       masses=(0.6,))  # fmt: skip
     assert len(sweep["table"]) == 2 * tiny_crate.depth * (1 + 2 + 2)
-    assert sweep["best"]["jaccard"] == max(r["jaccard"] for r in sweep["table"])
+    # Chosen on the development half: the best row is the development half's choice, and its three scores agree
+    # (the mean over all images is the image-weighted mean of the two halves).
+    best, dev = sweep["best"], sweep["split_half"][0]
+    assert {k: best[k] for k in ("size", "method", "threshold", "layer", "refine")} == dev["chosen"]
+    assert best["jaccard"] == next(r["jaccard"] for r in sweep["table"] if all(r[k] == best[k] for k in dev["chosen"]))
+    assert (best["dev"], best["held_out"], best["jaccard"]) == (dev["chosen_on"], dev["held_out"], dev["all"])
+    n_dev, n_held = sweep["dev_images"], sweep["held_out_images"]
+    assert n_dev + n_held == sweep["images"] and n_dev == (sweep["images"] + 1) // 2
+    assert best["jaccard"] == pytest.approx((best["dev"] * n_dev + best["held_out"] * n_held) / sweep["images"])
     assert len(sweep["split_half"]) == 2
     for half in sweep["split_half"]:
         assert half["chosen"]["size"] in (32, 48) and half["chosen"]["method"] in ("dino", "tokencut", "maskcut")
@@ -116,11 +124,26 @@ def test_sweep_chooses_the_best_row_and_checks_it_on_held_out_halves(tiny_crate,
             assert r["jaccard"] == pytest.approx(res["layers"][r["layer"]]["tokencut"], abs=1e-12)
 
 
+def test_sweep_scores_the_refinement_on_the_best_settings_of_the_development_half(tiny_crate, small_coco, tmp_path):
+    settings = rp.RealPhotoSettings(runs=[], grounds={}, out=tmp_path)
+    sweep = rp.sweep_segment_defaults(tiny_crate, COCODataset(small_coco), [32], settings, taus=(0.1, 0.2),
+                                      masses=(0.6,), refine_top=3)  # fmt: skip
+    plain = [r for r in sweep["table"] if r["refine"] == "none"]
+    refined = [r for r in sweep["table"] if r["refine"] == "bilateral"]
+    assert len(plain) == tiny_crate.depth * 5 and len(refined) == 3
+    keys = ("size", "method", "threshold", "layer")
+    assert len({tuple(r[k] for k in keys) for r in refined}) == 3  # three different settings, each one scored plainly
+    assert all(any(all(p[k] == r[k] for k in keys) for p in plain) for r in refined)
+
+
 def test_segment_settings_name_the_threshold_flag():
     assert rp.segment_settings({"method": "dino", "threshold": 0.5, "layer": 2, "size": 96}) == {
         "method": "dino", "layer": 2, "img_size": 96, "mass": 0.5}
     assert rp.segment_settings({"method": "maskcut", "threshold": 0.2, "layer": 4, "size": 128}) == {
         "method": "maskcut", "layer": 4, "img_size": 128, "tau": 0.2, "max_masks": 1}
+    assert rp.segment_settings({"method": "tokencut", "threshold": 0.1, "layer": 3, "size": 96,
+                                "refine": "bilateral"}) == {
+        "method": "tokencut", "layer": 3, "img_size": 96, "tau": 0.1, "refine": "bilateral"}
 
 
 def test_run_writes_json_report_and_figure_for_random_initialisations(tiny_crate, small_coco, tmp_path):

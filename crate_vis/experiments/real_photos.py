@@ -396,6 +396,25 @@ def layer_curves(results: dict[str, Any], ground: str, groups: Sequence[str], pa
     return save_figure(fig, path, dpi=130)
 
 
+#: The development half of a ground truth's images (even positions in id order), on which settings are chosen,
+#: and the held-out half, on which the choice is checked.
+DEV_HALF = slice(0, None, 2)
+HELD_OUT_HALF = slice(1, None, 2)
+
+
+def _sweep_mask(key: Mapping[str, Any], attn: torch.Tensor, feats: torch.Tensor, prep: Any,
+                shape: tuple[int, ...]) -> np.ndarray:  # fmt: skip
+    """The image-size mask ``segment`` writes for one sweep row (``method``, ``threshold``, ``layer``)."""
+    layer, threshold = key["layer"], key["threshold"]
+    if key["method"] == "dino":
+        mask = dino_foreground(attn[layer][None], threshold, combine="mean")[0].numpy()
+        return prep.grid_to_image(mask)
+    f = feats[layer].numpy()
+    cut = tokencut(f, prep.grid, tau=threshold) if key["method"] == "tokencut" else \
+        maskcut(f, prep.grid, tau=threshold, max_masks=1)  # fmt: skip
+    return prep.grid_to_image(cut.masks[0]) if len(cut.masks) else np.zeros(shape, bool)
+
+
 def sweep_segment_defaults(
     model: nn.Module,
     gt: Any,
@@ -403,6 +422,7 @@ def sweep_segment_defaults(
     settings: RealPhotoSettings,
     taus: Sequence[float] = (0.1, 0.15, 0.2, 0.25, 0.3),
     masses: Sequence[float] = (0.4, 0.5, 0.6, 0.7, 0.8),
+    refine_top: int = 0,
 ) -> dict[str, Any]:
     """Jaccard of each (input size, method, its threshold, layer) of one model on one ground truth, and the best.
 
@@ -410,9 +430,16 @@ def sweep_segment_defaults(
     (the mask of the head-averaged attention) at each attention mass in ``masses``, ``tokencut`` (the official rule)
     and ``maskcut`` with one mask (TokenCut's cut with MaskCut's corner rule, an object-centric prior) at each graph
     threshold in ``taus``. The model runs once per image and size; the masks are made from the same features.
+
+    The ``refine_top`` settings best on the development half are scored again with the bilateral-solver refinement
+    (``segment --refine bilateral``, :func:`crate_vis.segmentation.bilateral.refine_masks`); the choice is then made
+    among all rows, refined or not, on the development half alone.
     """
+    from ..segmentation.bilateral import refine_masks
+
     model.eval()
     patch = model_patch_size(model)
+    device = next(model.parameters()).device
     ids = list(gt.image_ids)[: settings.max_images]
     keys: list[dict[str, Any]] = []
     per_image: list[list[float]] = []
@@ -421,31 +448,48 @@ def sweep_segment_defaults(
         for image_id in ids:
             prep = prepare_image(load_image(gt.image_path(image_id)), patch, size)
             fg = gt.foreground(image_id)
-            attn, feats = _layers_of_one_image(model, prep.tensor[None].to(next(model.parameters()).device))
+            attn, feats = _layers_of_one_image(model, prep.tensor[None].to(device))
             attn, feats = attn.cpu(), feats.cpu()
             for layer in range(attn.shape[0]):
-                f = feats[layer].numpy()
-                for mass in masses:
-                    mask = dino_foreground(attn[layer][None], mass, combine="mean")[0].numpy()
-                    rows.setdefault(("dino", mass, layer), []).append(binary_iou(prep.grid_to_image(mask), fg, empty=0.0))
-                for tau in taus:
-                    for method, cut in (("tokencut", tokencut(f, prep.grid, tau=tau)),
-                                        ("maskcut", maskcut(f, prep.grid, tau=tau, max_masks=1))):  # fmt: skip
-                        mask = prep.grid_to_image(cut.masks[0]) if len(cut.masks) else np.zeros(fg.shape, bool)
-                        rows.setdefault((method, tau, layer), []).append(binary_iou(mask, fg, empty=0.0))
+                for method, thresholds in (("dino", masses), ("tokencut", taus), ("maskcut", taus)):
+                    for t in thresholds:
+                        mask = _sweep_mask({"method": method, "threshold": t, "layer": layer}, attn, feats, prep,
+                                           fg.shape)  # fmt: skip
+                        rows.setdefault((method, t, layer), []).append(binary_iou(mask, fg, empty=0.0))
         for (method, threshold, layer), values in rows.items():
-            keys.append({"size": size, "method": method, "threshold": threshold, "layer": layer})
+            keys.append({"size": size, "method": method, "threshold": threshold, "layer": layer, "refine": "none"})
             per_image.append(values)
+    if refine_top > 0:
+        dev_means = np.asarray(per_image, dtype=np.float64)[:, DEV_HALF].mean(1)
+        top = [dict(keys[i], refine="bilateral") for i in np.argsort(-dev_means, kind="stable")[:refine_top]]
+        refined: list[list[float]] = [[] for _ in top]
+        for size in sorted({k["size"] for k in top}):
+            for image_id in ids:
+                image = load_image(gt.image_path(image_id))
+                prep = prepare_image(image, patch, size)
+                fg = gt.foreground(image_id)
+                attn, feats = _layers_of_one_image(model, prep.tensor[None].to(device))
+                attn, feats = attn.cpu(), feats.cpu()
+                for j, key in enumerate(top):
+                    if key["size"] == size:
+                        coarse = _sweep_mask(key, attn, feats, prep, fg.shape)
+                        mask = refine_masks(np.asarray(image), coarse[None]).masks[0]
+                        refined[j].append(binary_iou(mask, fg, empty=0.0))
+        keys += top
+        per_image += refined
     scores = np.asarray(per_image, dtype=np.float64)  # (settings, images)
     table = [{**k, "jaccard": float(v)} for k, v in zip(keys, scores.mean(1))]
-    best = table[int(scores.mean(1).argmax())]
-    # How optimistic is choosing on the images scored? Choose on one half of the images, score on the other.
+    # The choice is made on the development half (the even positions in id order) alone; the other half is held
+    # out, and choosing the other way round shows how much the choice depends on the half.
     halves = []
-    for pick, held in ((slice(0, None, 2), slice(1, None, 2)), (slice(1, None, 2), slice(0, None, 2))):
+    for pick, held in ((DEV_HALF, HELD_OUT_HALF), (HELD_OUT_HALF, DEV_HALF)):
         i = int(scores[:, pick].mean(1).argmax())
         halves.append({"chosen": keys[i], "chosen_on": float(scores[i, pick].mean()),
-                       "held_out": float(scores[i, held].mean())})  # fmt: skip
-    return {"table": table, "best": best, "split_half": halves, "images": len(ids)}
+                       "held_out": float(scores[i, held].mean()), "all": float(scores[i].mean())})  # fmt: skip
+    i = int(scores[:, DEV_HALF].mean(1).argmax())
+    best = {**table[i], "dev": halves[0]["chosen_on"], "held_out": halves[0]["held_out"]}
+    return {"table": table, "best": best, "split_half": halves, "images": len(ids),
+            "dev_images": len(ids[DEV_HALF]), "held_out_images": len(ids[HELD_OUT_HALF])}  # fmt: skip
 
 
 def segment_settings(best: Mapping[str, Any]) -> dict[str, Any]:
@@ -457,6 +501,8 @@ def segment_settings(best: Mapping[str, Any]) -> dict[str, Any]:
         out["tau"] = best["threshold"]
     if best["method"] == "maskcut":
         out["max_masks"] = 1
+    if best.get("refine", "none") != "none":
+        out["refine"] = best["refine"]
     return out
 
 
@@ -510,30 +556,50 @@ def write_report(results: dict[str, Any], out: Path, order: Sequence[str], crate
     if sweep is not None:
         best = sweep["best"]
         lines += ["## Choosing `crate-vis segment`'s defaults for the photo model", ""]
-        lines += [f"On the {sweep['ground']} images (the development split the shared folder provides: nothing else "
-                  "was used to choose), the Jaccard of the one mask per image that `segment` writes, by input size, "
-                  "method, its threshold (`--mass` for dino, `--tau` for the cuts) and layer; maskcut is MaskCut with "
-                  "one mask (its first cut):", ""]  # fmt: skip
+        lines += [f"The Jaccard of the one mask per image that `segment` writes on the {sweep['ground']} images, by "
+                  "input size, method, its threshold (`--mass` for dino, `--tau` for the cuts) and layer, over all "
+                  f"{sweep['images']} images; maskcut is MaskCut with one mask (its first cut). The settings are "
+                  f"chosen on the development half alone ({sweep.get('dev_images', '?')} images: the even positions "
+                  f"in id order) and checked on the held-out half ({sweep.get('held_out_images', '?')} images); "
+                  "nothing else was used to choose.", ""]  # fmt: skip
         layers = sorted({r["layer"] for r in sweep["table"]})
         lines += ["| size | method | threshold | " + " | ".join(f"layer {i}" for i in layers) + " |",
                   "|---|---|---|" + "---|" * len(layers)]  # fmt: skip
         cells: dict[tuple[int, str, float], dict[int, float]] = {}
-        for r in sweep["table"]:
-            cells.setdefault((r["size"], r["method"], r["threshold"]), {})[r["layer"]] = r["jaccard"]
+        plain = {(r["size"], r["method"], r["threshold"], r["layer"]): r["jaccard"] for r in sweep["table"]
+                 if r.get("refine", "none") == "none"}  # fmt: skip
+        for (size, method, threshold, layer), value in plain.items():
+            cells.setdefault((size, method, threshold), {})[layer] = value
         top = (best["size"], best["method"], best["threshold"], best["layer"])
+        bold_plain = best.get("refine", "none") == "none"
         for (size, method, threshold), vals in cells.items():
-            marks = ["**" if (size, method, threshold, i) == top else "" for i in layers]
+            marks = ["**" if bold_plain and (size, method, threshold, i) == top else "" for i in layers]
             lines.append(f"| {size} | {method} | {threshold:g} | "
                          + " | ".join(f"{m}{vals[i]:.3f}{m}" for i, m in zip(layers, marks)) + " |")  # fmt: skip
+        refined = [r for r in sweep["table"] if r.get("refine", "none") != "none"]
+        if refined:
+            lines += ["", f"The {len(refined)} settings best on the development half, again with the bilateral-solver "
+                      "refinement of TokenCut (`--refine bilateral`: Barron & Poole's fast bilateral solver on the "
+                      "photo, TokenCut's parameters; a refined mask that is empty or overlaps the coarse one by an "
+                      "IoU below 0.5 is not used):", "",
+                      "| size | method | threshold | layer | coarse | refined |", "|---|---|---|---|---|---|"]  # fmt: skip
+            for r in refined:
+                key = (r["size"], r["method"], r["threshold"], r["layer"])
+                m = "**" if not bold_plain and key == top else ""
+                lines.append(f"| {r['size']} | {r['method']} | {r['threshold']:g} | {r['layer']} | "
+                             f"{plain[key]:.3f} | {m}{r['jaccard']:.3f}{m} |")  # fmt: skip
         chosen = segment_settings(best)
         flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in chosen.items())
-        lines += ["", f"Chosen: `{flags}` ({best['jaccard']:.3f}); the weights carry these settings, so "
-                  "`crate-vis segment` uses them when no flag is given (and `attention` and `heads` the layer and "
-                  "size).", ""]  # fmt: skip
-        for half, name in zip(sweep.get("split_half", []), ("odd", "even")):
+        dev = f"{best['dev']:.3f} on the development half, **{best['held_out']:.3f}** held out, " if "dev" in best \
+            else ""  # fmt: skip
+        lines += ["", f"Chosen: `{flags}` ({dev}{best['jaccard']:.3f} on all images); the weights carry these "
+                  "settings, so `crate-vis segment` uses them when no flag is given (and `attention` and `heads` the "
+                  "layer and size).", ""]  # fmt: skip
+        for half, name in zip(sweep.get("split_half", []), ("development half", "held-out half")):
             c = half["chosen"]
-            lines.append(f"* Chosen on the {name}-numbered images alone: `{c['method']}` at {c['threshold']:g}, "
-                         f"layer {c['layer']}, size {c['size']}: {half['chosen_on']:.3f} there, "
+            how = " with the refinement" if c.get("refine", "none") != "none" else ""
+            lines.append(f"* Chosen on the {name} alone: `{c['method']}` at {c['threshold']:g}, "
+                         f"layer {c['layer']}, size {c['size']}{how}: {half['chosen_on']:.3f} there, "
                          f"**{half['held_out']:.3f}** on the other half (the gap is what choosing on the scored "
                          "images adds).")  # fmt: skip
         lines.append("")
