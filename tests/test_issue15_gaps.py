@@ -310,9 +310,6 @@ def test_eval_prints_no_top5_below_six_classes(tmp_path, capsys):
     assert "top-1" in out and "top-2" not in out and "top-5" not in out
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 item 15 open: the emergence report numbers layers from 1 (L1.., "
-                   "'layer 1'), while --layer, the attention and heads figures and the real-photo report number "
-                   "them from 0")  # fmt: skip
 def test_emergence_layer_table_numbers_layers_like_the_layer_option():
     from crate_vis.experiments.emergence import layer_table
 
