@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     cr = {k: (v.mean("coding_rate"), v.std("coding_rate")) for k, v in stats.items()}
     sp = {k: (v.mean("sparsity"), v.std("sparsity")) for k, v in stats.items()}
     for layer in range(model.depth):
-        print(f"{layer + 1:>5} | {cr['trained'][0][layer]:12.1f} ({cr['trained'][1][layer]:5.1f}) "
+        print(f"{layer:>5} | {cr['trained'][0][layer]:12.1f} ({cr['trained'][1][layer]:5.1f}) "
               f"{cr['random init'][0][layer]:10.1f} ({cr['random init'][1][layer]:5.1f}) | "
               f"{sp['trained'][0][layer]:11.3f} ({sp['trained'][1][layer]:.3f}) "
               f"{sp['random init'][0][layer]:8.3f} ({sp['random init'][1][layer]:.3f})")  # fmt: skip

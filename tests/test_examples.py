@@ -139,7 +139,7 @@ def test_segment_and_score(tmp_path):
 def test_whitebox_layers(tmp_path):
     out = run_example("whitebox_layers.py", tmp_path)
     rows = re.findall(r"^\s+(\d) \|\s+([\d.]+) \(.*\|\s+([\d.]+) \(", out, flags=re.M)
-    assert [int(r[0]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [int(r[0]) for r in rows] == [0, 1, 2, 3, 4, 5]  # numbered from 0, as --layer numbers them
     # by hand: the fraction of exact zeros of each layer's ISTA output (all tokens), mean over the 8 images
     from crate_vis.data.synthetic import SyntheticShapes
     from crate_vis.data.transforms import to_tensor

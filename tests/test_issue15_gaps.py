@@ -322,8 +322,6 @@ def test_emergence_layer_table_numbers_layers_like_the_layer_option():
     assert first_cells == [str(i) for i in range(depth)]  # --layer takes 0..depth-1 ("layers 0..2")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 item 12 open: score --output is only checked after scoring; an "
-                   "--output that is a folder fails at the end, naming a temporary file")  # fmt: skip
 def test_score_output_that_is_a_folder_is_refused_before_scoring(tmp_path, capsys, monkeypatch):
     from crate_vis.experiments import score as score_module
 

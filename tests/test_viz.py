@@ -171,7 +171,7 @@ def test_layer_metric_plot_with_baseline():
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["CRATE", "random init"]
     assert ax.get_ylabel() == "coding rate"
-    np.testing.assert_allclose(ax.lines[0].get_xdata(), [1, 2, 3])
+    np.testing.assert_allclose(ax.lines[0].get_xdata(), [0, 1, 2])  # layers numbered from 0, as --layer numbers them
     with pytest.raises(ValueError, match="error bars"):
         plot_layer_metric(LayerSeries("x", [1.0, 2.0], [0.1]), "y")
 

@@ -5,7 +5,7 @@ triangle, star, ...) with a class-specific *internal pattern* (solid, stripes, d
 scale and rotation are random. The background mixes colour gradients, noise, stripes at random angles and small
 distractor strokes and blobs drawn independently of the label, so the label can be read from the object alone: a
 classifier trained on these images has a reason to attend to the object, which is what the emergence experiment
-(``analysis/emergence.py``) measures against the exact masks.
+(``crate-vis emergence``) measures against the exact masks.
 
 Every image is drawn on the fly from a seed derived from ``(seed, split, index)``: the same arguments give the same
 pixels on any machine, different splits never share an image, and nothing has to be stored. The mask is the set of

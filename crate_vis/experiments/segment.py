@@ -177,9 +177,7 @@ def collect_inputs(
             for k, entry in enumerate(data["images"]):
                 if not isinstance(entry, dict) or "id" not in entry or "file_name" not in entry:
                     raise DatasetError(p, f"images[{k}]", "needs 'id' and 'file_name'")
-                image_id = entry["id"]
-                if not isinstance(image_id, (int, str)) or isinstance(image_id, bool):
-                    raise DatasetError(p, f"images[{k}]", f"id must be an integer or a string, got {image_id!r}")
+                image_id = entry["id"]  # its type is checked by load_coco_json (check_image_id)
                 if image_id in seen_ids:
                     raise DatasetError(p, f"images[{k}]", f"duplicate image id {image_id!r} (also images[{seen_ids[image_id]}])")
                 seen_ids[image_id] = k

@@ -41,6 +41,7 @@ from ..errors import DatasetError, RunFolderError
 from .atomic import atomic_save, atomic_write_json
 from .coco import result_entry, write_results
 from .images import IMAGE_EXTENSIONS, read_label_png
+from .jsonfile import read_json
 
 __all__ = [
     "SCHEMA", "output_names", "ImageRecord", "record_path", "write_image", "read_done", "clean_temporaries",
@@ -300,10 +301,7 @@ def read_records(out: Path) -> list[dict[str, Any]]:
     """
     recs = []
     for rec_path in sorted((Path(out) / "images").glob("*.json")):
-        try:
-            rec = json.loads(rec_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise DatasetError(rec_path, "segment record", f"unreadable ({err})") from None
+        rec = read_json(rec_path, "segment record")  # any defect (nesting too deep included) is one line
         if not isinstance(rec, dict):
             raise DatasetError(rec_path, "segment record", "not a JSON object")
         rec["name"] = rec_path.stem

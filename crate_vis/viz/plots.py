@@ -259,7 +259,7 @@ class LayerSeries:
         label: legend entry.
         mean: ``(L,)`` values.
         err: ``(L,)`` half-widths of the error bars, or ``None``.
-        layers: x positions (default ``1..L``).
+        layers: x positions (default ``0..L-1``: layers numbered from 0, as ``--layer`` numbers them).
     """
 
     label: str
@@ -315,7 +315,7 @@ def plot_layer_metric(
 
 def _errorbar(ax: Axes, s: LayerSeries, color: str, marker: str, ls: str) -> None:
     y = np.asarray(s.mean, dtype=float)
-    x = np.arange(1, len(y) + 1) if s.layers is None else np.asarray(s.layers, dtype=float)
+    x = np.arange(len(y)) if s.layers is None else np.asarray(s.layers, dtype=float)
     if x.shape != y.shape:
         raise ValueError(f"series {s.label!r}: {len(x)} layers but {len(y)} values")
     err = None if s.err is None else np.asarray(s.err, dtype=float)
