@@ -48,6 +48,17 @@ def tiny_crate():
     return create_model("crate_test_patch8_32").eval()
 
 
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory) -> Path:
+    """The seeded ``tiny_crate`` saved in the project format (``model.safetensors`` + ``config.json``), read-only use."""
+    from crate_vis import create_model, save_model
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_model(create_model("crate_test_patch8_32").eval(), folder)
+    return folder
+
+
 #: Set (CI sets it) to make a missing ../shared/data a failure instead of a skip.
 REQUIRE_SHARED = os.environ.get("CRATE_VIS_REQUIRE_SHARED", "") not in ("", "0")
 

@@ -18,14 +18,6 @@ from crate_vis.cli import main
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("ckpt") / "tiny"
-    save_model(create_model("crate_test_patch8_32").eval(), folder)
-    return folder
-
-
 @pytest.fixture()
 def images(tmp_path) -> Path:
     root = tmp_path / "in"

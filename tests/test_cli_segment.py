@@ -12,10 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from crate_vis import create_model, save_model
 from crate_vis.cli import main
 from crate_vis.data.image_geometry import prepare_image
 from crate_vis.data.transforms import to_tensor
@@ -25,14 +23,6 @@ from crate_vis.models import load_model
 from crate_vis.segmentation.dino import dino_foreground
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("ckpt") / "tiny"
-    save_model(create_model("crate_test_patch8_32").eval(), folder)
-    return folder
 
 
 def _write_images(folder: Path, sizes, seed=0) -> list[Path]:
@@ -54,13 +44,13 @@ def _png(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path))
 
 
-def test_segment_dino_outputs(tmp_path, tiny_ckpt):
+def test_segment_dino_outputs(tmp_path, ckpt):
     a = _write_images(tmp_path / "in" / "a", [(40, 56), (48, 36)])
     b = _write_images(tmp_path / "in" / "b", [(33, 41)])  # b/img00.png clashes with a/img00.png by stem
     (tmp_path / "in" / "b" / "broken.jpg").write_bytes(b"not a jpeg")
     Image.fromarray(np.zeros((5, 6, 3), np.uint8)).save(tmp_path / "in" / "b" / "small.png")
     out = tmp_path / "out"
-    code = main(["segment", str(tmp_path / "in"), "--out", str(out), "--checkpoint", str(tiny_ckpt), "--device", "cpu"])
+    code = main(["segment", str(tmp_path / "in"), "--out", str(out), "--checkpoint", str(ckpt), "--device", "cpu"])
     assert code == 0
     run = json.loads((out / "run.json").read_text())
     assert run["processed"] == 3 and run["skipped"] == 2
@@ -69,7 +59,7 @@ def test_segment_dino_outputs(tmp_path, tiny_ckpt):
     names = sorted(p.stem for p in (out / "images").glob("*.json"))
     assert names == ["a__img00", "b__img00", "img01"]  # only clashing stems are lengthened
 
-    model = load_model(tiny_ckpt)
+    model = load_model(ckpt)
 
     results = json.loads((out / "results.json").read_text())
     images = {im["id"]: im for im in json.loads((out / "images.json").read_text())}
@@ -98,7 +88,7 @@ def test_segment_dino_outputs(tmp_path, tiny_ckpt):
         assert overlay.shape == (image.height, image.width, 3)
 
 
-def test_segment_maskcut_coco_json_ids_and_image_root(tmp_path, tiny_ckpt):
+def test_segment_maskcut_coco_json_ids_and_image_root(tmp_path, ckpt):
     paths = _write_images(tmp_path / "pics", [(48, 64), (64, 48), (40, 40)])
     coco = {"images": [{"id": 7, "file_name": paths[0].name}, {"id": 42, "file_name": paths[1].name},
                        {"id": 9, "file_name": "missing.png"}], "annotations": [], "categories": []}  # fmt: skip
@@ -107,7 +97,7 @@ def test_segment_maskcut_coco_json_ids_and_image_root(tmp_path, tiny_ckpt):
     ann.write_text(json.dumps(coco))
     out = tmp_path / "out"
     args = ["segment", str(ann), "--image-root", str(tmp_path / "pics"), "--out", str(out), "--checkpoint",
-            str(tiny_ckpt), "--method", "maskcut", "--img-size", "48", "--max-masks", "2", "-b", "2"]  # fmt: skip
+            str(ckpt), "--method", "maskcut", "--img-size", "48", "--max-masks", "2", "-b", "2"]  # fmt: skip
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert {r["image_id"] for r in results} <= {7, 42} and results
@@ -136,35 +126,35 @@ def test_segment_tokencut_with_a_timm_vit(tmp_path):
     assert rec["grid"] == [3, 3] and rec["settings"]["tau"] == 0.2 and len(rec["masks"]) == 1  # 48x60 -> 48x48
 
 
-def test_square_input_maps_back_to_the_image(tmp_path, tiny_ckpt):
+def test_square_input_maps_back_to_the_image(tmp_path, ckpt):
     (path,) = _write_images(tmp_path / "in", [(30, 70)])
     out = tmp_path / "out"
-    args = ["segment", str(tmp_path / "in"), "--out", str(out), "--checkpoint", str(tiny_ckpt), "--square",
+    args = ["segment", str(tmp_path / "in"), "--out", str(out), "--checkpoint", str(ckpt), "--square",
             "--img-size", "40", "--mass", "0.8"]  # fmt: skip
     assert main(args) == 0
     rec = json.loads((out / "images" / "img00.json").read_text())
     assert rec["geometry"]["input_hw"] == [40, 40] and rec["grid"] == [5, 5] and rec["settings"]["square"] is True
     image = Image.open(path).convert("RGB")
     x = to_tensor(image.resize((40, 40), Image.BICUBIC))[None]
-    fg = dino_foreground(cls_attention_maps(load_model(tiny_ckpt), x), 0.8)[0].numpy()
+    fg = dino_foreground(cls_attention_maps(load_model(ckpt), x), 0.8)[0].numpy()
     rows = np.floor((np.arange(30) + 0.5) * 40 / 30 / 8).astype(int)
     cols = np.floor((np.arange(70) + 0.5) * 40 / 70 / 8).astype(int)
     np.testing.assert_array_equal(_png(out / rec["masks"][0]["file"]) > 0, fg[rows[:, None], cols[None, :]])
 
 
-def test_nothing_processed_is_an_error(tmp_path, tiny_ckpt):
+def test_nothing_processed_is_an_error(tmp_path, ckpt):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "x.png").write_bytes(b"garbage")
-    assert main(["segment", str(bad), "--out", str(tmp_path / "o"), "--checkpoint", str(tiny_ckpt)]) == 1
-    assert main(["segment", str(tmp_path / "nothing"), "--out", str(tmp_path / "o2"), "--checkpoint", str(tiny_ckpt)]) == 1
-    assert main(["segment", str(bad), "--strict", "--out", str(tmp_path / "o3"), "--checkpoint", str(tiny_ckpt)]) == 1
+    assert main(["segment", str(bad), "--out", str(tmp_path / "o"), "--checkpoint", str(ckpt)]) == 1
+    assert main(["segment", str(tmp_path / "nothing"), "--out", str(tmp_path / "o2"), "--checkpoint", str(ckpt)]) == 1
+    assert main(["segment", str(bad), "--strict", "--out", str(tmp_path / "o3"), "--checkpoint", str(ckpt)]) == 1
 
 
-def test_skip_existing_only_with_the_same_settings(tmp_path, tiny_ckpt):
+def test_skip_existing_only_with_the_same_settings(tmp_path, ckpt):
     _write_images(tmp_path / "in", [(40, 40), (48, 40)])
     out = tmp_path / "out"
-    base = ["segment", str(tmp_path / "in"), "--out", str(out), "--checkpoint", str(tiny_ckpt)]
+    base = ["segment", str(tmp_path / "in"), "--out", str(out), "--checkpoint", str(ckpt)]
     assert main(base) == 0
     rec_path = out / "images" / "img00.json"
     stamp = rec_path.stat().st_mtime_ns
@@ -180,11 +170,11 @@ def test_skip_existing_only_with_the_same_settings(tmp_path, tiny_ckpt):
 
 
 @pytest.mark.slow  # a fresh interpreter importing torch: ~5-15 s on a loaded 2-core machine
-def test_kill_and_resume(tmp_path, tiny_ckpt):
+def test_kill_and_resume(tmp_path, ckpt):
     paths = _write_images(tmp_path / "in", [(96, 120)] * 12)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "crate_vis", "segment", str(tmp_path / "in"), "--out", str(out), "--checkpoint",
-           str(tiny_ckpt), "--method", "maskcut", "--img-size", "96", "--solver", "dense", "-b", "1"]  # fmt: skip
+           str(ckpt), "--method", "maskcut", "--img-size", "96", "--solver", "dense", "-b", "1"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
@@ -214,7 +204,7 @@ def test_kill_and_resume(tmp_path, tiny_ckpt):
 
 
 @pytest.mark.slow
-def test_coco128_results_load_with_pycocotools(tmp_path, coco128_root, tiny_ckpt):
+def test_coco128_results_load_with_pycocotools(tmp_path, coco128_root, ckpt):
     from pycocotools.coco import COCO
 
     ann = coco128_root / "annotations" / "instances_train2017.json"
@@ -227,7 +217,7 @@ def test_coco128_results_load_with_pycocotools(tmp_path, coco128_root, tiny_ckpt
     small.write_text(json.dumps(data))
     out = tmp_path / "out"
     args = ["segment", str(small), "--image-root", str(coco128_root / "train2017"), "--out", str(out),
-            "--checkpoint", str(tiny_ckpt), "--method", "maskcut", "--img-size", "64"]  # fmt: skip
+            "--checkpoint", str(ckpt), "--method", "maskcut", "--img-size", "64"]  # fmt: skip
     assert main(args) == 0
     gt = COCO(str(small))
     dt = gt.loadRes(str(out / "results.json"))
@@ -253,9 +243,9 @@ def test_collect_inputs_names_ids_and_dedup(tmp_path):
     assert len(report.failures) == 1 and report.failures[0][1] == "no such file or folder"
 
 
-def test_options_of_another_method_are_rejected(tmp_path, tiny_ckpt, capsys):
+def test_options_of_another_method_are_rejected(tmp_path, ckpt, capsys):
     _write_images(tmp_path / "in", [(32, 32)])
-    base = ["segment", str(tmp_path / "in"), "--out", str(tmp_path / "o"), "--checkpoint", str(tiny_ckpt)]
+    base = ["segment", str(tmp_path / "in"), "--out", str(tmp_path / "o"), "--checkpoint", str(ckpt)]
     assert main([*base, "--method", "maskcut", "--mass", "0.5"]) == 1
     assert "--mass applies to --method dino" in capsys.readouterr().err
     assert main([*base, "--tau", "0.3"]) == 1

@@ -59,16 +59,6 @@ def _score(capsys, *args: str) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    from crate_vis import create_model, save_model
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("ckpt") / "tiny"
-    save_model(create_model("crate_test_patch8_32").eval(), folder)
-    return folder
-
-
 # ---------------------------------------------------------------------- item 2: pairing by file name, not id
 @pytest.mark.parametrize("gt_ids", [[2, 3, 1], ["b", "c", "a"]], ids=["permuted-int-ids", "string-ids"])
 def test_ids_that_collide_with_the_segment_ids_are_still_paired_by_file_name(tmp_path, capsys, gt_ids):

@@ -15,21 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from crate_vis.cli import main
 from crate_vis.io.runlock import LOCK_NAME
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    from crate_vis import create_model, save_model
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("ckpt") / "tiny"
-    save_model(create_model("crate_test_patch8_32").eval(), folder)
-    return folder
 
 
 @pytest.fixture()
