@@ -61,7 +61,7 @@ def _weights_dir() -> Path:
 
 #: The manifest and embedded weights folder (see :func:`_weights_dir`).
 WEIGHTS_DIR = _weights_dir()
-DEFAULT_WEIGHTS_NAME = "crate_mini_patch8_96.synthetic"
+DEFAULT_WEIGHTS_NAME = "crate_mini_patch8_96.imagenette"
 
 
 
