@@ -161,13 +161,11 @@ def new_user_run(weights: Path, horses: Path) -> dict:
     from crate_vis.experiments.score import ScoreConfig, score_predictions
     from crate_vis.experiments.segment import SegmentRunConfig, segment_images
     from crate_vis.models import recommended_settings, resolve_model
-    from crate_vis.segmentation.run import SegmentConfig
+    from crate_vis.segmentation.run import recommended_config
 
     model = resolve_model(str(weights), device="cpu")
     rec = recommended_settings(model)
-    segment = SegmentConfig(method=rec["method"], layer=rec["layer"], max_masks=rec.get("max_masks", 3),
-                            tau=rec.get("tau"), mass=rec.get("mass", 0.6),
-                            refine=rec.get("refine", "none"))  # as `crate-vis segment` fills them in
+    segment = recommended_config(rec)  # as `crate-vis segment` fills its flags in
     config = SegmentRunConfig(segment=segment, size=rec["img_size"], progress=False, overlay=None)
     with tempfile.TemporaryDirectory() as tmp:
         segment_images([horses], model, Path(tmp) / "seg", config)

@@ -57,3 +57,19 @@ def test_demo_parts_can_be_skipped(tmp_path, flag):
     assert main(["demo", "--out", str(tmp_path / "d"), "--images", "2", flag, "-c", str(tmp_path / "m"),
                  "--synthetic-checkpoint", str(tmp_path / "m")]) == 0  # fmt: skip
     assert (tmp_path / "d" / "photos").exists() == (flag == "--no-synthetic")
+
+
+def test_demo_segments_with_the_settings_the_weights_recommend(tmp_path):
+    """Without --method, the demo segments as `crate-vis segment` does without flags: the weights' own settings."""
+    torch.manual_seed(0)
+    rec = {"method": "maskcut", "layer": 1, "img_size": 48, "tau": 0.1, "max_masks": 1, "refine": "bilateral"}
+    save_model(create_model("crate_test_patch8_32"), tmp_path / "model", metadata={"segment": rec})
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--checkpoint", str(tmp_path / "model"), "--no-synthetic"]) == 0
+    settings = json.loads((out / "photos" / "segment" / "run.json").read_text())["settings"]
+    assert {k: settings[k] for k in rec} == rec
+    assert main(["demo", "--out", str(tmp_path / "d2"), "--checkpoint", str(tmp_path / "model"), "--no-synthetic",
+                 "--method", "dino"]) == 0  # fmt: skip
+    settings = json.loads((tmp_path / "d2" / "photos" / "segment" / "run.json").read_text())["settings"]
+    assert (settings["method"], settings["layer"], settings.get("refine", "none")) == (
+        "dino", 1, "bilateral")  # a flag wins; the rest stays recommended, as in `crate-vis segment`

@@ -20,8 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", "-o", default="crate-vis-demo", help="output folder (default: ./crate-vis-demo)")
     parser.add_argument("--images", type=int, default=8, help="synthetic images to segment and score (default 8)")
-    parser.add_argument("--method", choices=("dino", "maskcut", "tokencut"), default="dino",
-                        help="segmentation method (default dino)")  # fmt: skip
+    parser.add_argument("--method", choices=("dino", "maskcut", "tokencut"), default=None,
+                        help="segmentation method (default: what each model's weights recommend, else dino)")  # fmt: skip
     parser.add_argument("--checkpoint", "-c", default=None,
                         help="weights for the photos instead of the embedded default for photos")  # fmt: skip
     parser.add_argument("--synthetic-checkpoint", default=None,

@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         segment_images,
     )
     from ..models import recommended_settings
-    from ..segmentation.run import SegmentConfig, parse_heads
+    from ..segmentation.run import parse_heads, recommended_config
 
     if args.merge:
         info = merge_shards(args.out)
@@ -117,14 +117,10 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, attr)
         if value not in (None, False) and method not in methods:
             raise UsageError(f"{flag} applies to --method {' / '.join(sorted(methods))}, not {method}")
-    segment = SegmentConfig(
-        method=method, layer=args.layer if args.layer is not None else recommended.get("layer", -1),
-        mass=args.mass if args.mass is not None else recommended.get("mass", 0.6), heads=parse_heads(args.heads),
-        combine=args.combine or "mean", largest_component=args.largest_component,
-        tau=args.tau if args.tau is not None else (recommended.get("tau") if method == recommended.get("method") else None),
-        max_masks=args.max_masks or (recommended.get("max_masks", 3) if method == recommended.get("method") else 3),
-        solver=args.solver or "auto",
-        cut_rules=args.cut_rules or "default", refine=args.refine or recommended.get("refine", "none"),
+    segment = recommended_config(
+        recommended, method=method, layer=args.layer, mass=args.mass, tau=args.tau, max_masks=args.max_masks,
+        refine=args.refine, heads=parse_heads(args.heads), combine=args.combine or "mean",
+        largest_component=args.largest_component, solver=args.solver or "auto", cut_rules=args.cut_rules or "default",
     )  # fmt: skip
     config = SegmentRunConfig(
         segment=segment, size=args.img_size if args.img_size is not None else recommended.get("img_size"),

@@ -40,7 +40,7 @@ class DemoConfig:
     """Settings of :func:`run_demo` (the flags of ``crate-vis demo``)."""
 
     images: int = 8
-    method: str = "dino"
+    method: str | None = None
     seed: int = 0
     device: str | None = None
     photos_checkpoint: str | None = None
@@ -51,7 +51,7 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if self.images < 1:
             raise UsageError(f"--images must be at least 1, got {self.images}")
-        if self.method not in ("dino", "maskcut", "tokencut"):
+        if self.method not in (None, "dino", "maskcut", "tokencut"):
             raise UsageError(f"--method must be dino, maskcut or tokencut, got {self.method!r}")
         if not (self.photos or self.synthetic):
             raise UsageError("nothing to do: both parts of the demo are switched off")
@@ -71,10 +71,11 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig()) -> dict[str, An
 
     out = Path(out)
     summary: dict[str, Any] = {}
-    from ..segmentation.run import SegmentConfig
+    from ..models import recommended_settings
+    from ..segmentation.run import recommended_config
 
-    segment = SegmentConfig(method=config.method)
     dev = ["--device", config.device] if config.device else []
+    how = ["--method", config.method] if config.method else []  # else: what the weights recommend
     if config.photos:
         photos = sample_images()
         spec = config.photos_checkpoint or DEFAULT_WEIGHTS_NAME
@@ -83,22 +84,26 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig()) -> dict[str, An
         print(f"demo part 1: {len(photos)} sample photos ({SAMPLE_DIR}), model {spec}")
         _say("per-head attention", ["attention", str(SAMPLE_DIR), "--out", str(where / "attention"), "-c", spec, *dev])
         attention_figures(photos, model, where / "attention", AttentionConfig(dpi=120))
-        _say("segmentation", ["segment", str(SAMPLE_DIR), "--out", str(where / "segment"), "-c", spec, "--method",
-                              config.method, "--overwrite", *dev])  # fmt: skip
-        info = segment_images(photos, model, where / "segment", SegmentRunConfig(segment=segment, mode="overwrite"))
+        _say("segmentation", ["segment", str(SAMPLE_DIR), "--out", str(where / "segment"), "-c", spec, *how,
+                              "--overwrite", *dev])  # fmt: skip
+        rec = recommended_settings(model)
+        run = SegmentRunConfig(segment=recommended_config(rec, method=config.method), size=rec.get("img_size"),
+                               mode="overwrite")  # fmt: skip
+        info = segment_images(photos, model, where / "segment", run)
         _say("head-wise part figure", ["heads", str(SAMPLE_DIR), "--out", str(where / "heads.png"), "-c", spec, *dev])
         written, _ = heads_figure(photos, [model], where / "heads.png", HeadsConfig(max_images=len(photos), dpi=120))
         summary["photos"] = {"attention": str(where / "attention"), "segment": str(where / "segment"),
                              "heads": [str(w) for w in written], "masks": info["masks"]}  # fmt: skip
     if config.synthetic:
-        summary["synthetic"] = _synthetic_part(out / "synthetic", config, segment, dev)
+        summary["synthetic"] = _synthetic_part(out / "synthetic", config, how, dev)
     print(f"\ndone: {out}")
     return summary
 
 
-def _synthetic_part(where: Path, config: DemoConfig, segment: Any, dev: list[str]) -> dict[str, Any]:
+def _synthetic_part(where: Path, config: DemoConfig, how: list[str], dev: list[str]) -> dict[str, Any]:
     from ..data.synthetic import write_dataset
-    from ..models import resolve_model
+    from ..models import recommended_settings, resolve_model
+    from ..segmentation.run import recommended_config
     from .heads import HeadsConfig, heads_figure
     from .score import ScoreConfig, format_table, score_predictions
     from .segment import SegmentRunConfig, segment_images
@@ -109,9 +114,12 @@ def _synthetic_part(where: Path, config: DemoConfig, segment: Any, dev: list[str
                          overwrite=True)  # fmt: skip
     gt = data / "annotations" / "instances_val.json"
     print(f"\ndemo part 2: {config.images} synthetic images with ground-truth masks in {data / 'val'}; model {spec}")
-    _say("segmentation", ["segment", str(gt), "--out", str(where / "segment"), "-c", spec, "--method", config.method,
-                          "--overwrite", *dev])  # fmt: skip
-    segment_images([gt], model, where / "segment", SegmentRunConfig(segment=segment, mode="overwrite"))
+    _say("segmentation", ["segment", str(gt), "--out", str(where / "segment"), "-c", spec, *how, "--overwrite",
+                          *dev])  # fmt: skip
+    rec = recommended_settings(model)
+    run = SegmentRunConfig(segment=recommended_config(rec, method=config.method), size=rec.get("img_size"),
+                           mode="overwrite")  # fmt: skip
+    segment_images([gt], model, where / "segment", run)
     scores = {}
     for protocol, extra in (("jaccard", []), ("coco", ["--iou-type", "segm"])):
         _say(f"score ({protocol})", ["score", "--pred", str(where / "segment"), "--gt", str(gt), "--protocol",

@@ -7,7 +7,7 @@ cuts: CRATE's per-head subspace projections ``U_k^T z``, a ViT's keys), concaten
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -21,7 +21,9 @@ from .bilateral import BilateralParams
 from .dino import attention_contrast, dino_foreground
 from .maskcut import MASKCUT_RULES, SOLVERS, maskcut, tokencut
 
-__all__ = ["METHODS", "REFINERS", "SegmentConfig", "GridSegmentation", "segment_batch", "parse_heads"]
+__all__ = [
+    "METHODS", "REFINERS", "SegmentConfig", "GridSegmentation", "segment_batch", "parse_heads", "recommended_config",
+]  # fmt: skip
 
 #: Segmentation methods and their default edge threshold ``tau`` (None: not a graph method).
 METHODS: dict[str, float | None] = {"dino": None, "maskcut": 0.15, "tokencut": 0.2}
@@ -203,6 +205,51 @@ def _grid(model: nn.Module, images: torch.Tensor) -> tuple[int, int]:
     from ..models.geometry import token_geometry
 
     return token_geometry(model, tuple(images.shape[-2:])).grid
+
+
+def recommended_config(
+    recommended: Mapping[str, Any],
+    *,
+    method: str | None = None,
+    layer: int | None = None,
+    mass: float | None = None,
+    tau: float | None = None,
+    max_masks: int | None = None,
+    refine: str | None = None,
+    **fixed: Any,
+) -> SegmentConfig:
+    """The :class:`SegmentConfig` of the choices given, the rest from a weights' recommended settings.
+
+    This is what ``crate-vis segment`` does with its flags: a choice left ``None`` takes the value of
+    ``recommended`` (:func:`crate_vis.models.recommended_settings`: ``method``, ``layer``, ``mass``, ``tau``,
+    ``max_masks``, ``refine``), else the :class:`SegmentConfig` default. The threshold and mask count recommended for
+    a method apply only when that method is used.
+
+    Args:
+        recommended: the weights' ``metadata.segment`` (empty for weights without one).
+        method, layer, mass, tau, max_masks, refine: explicit choices (``None``: recommended or default).
+        **fixed: other :class:`SegmentConfig` fields, as given.
+
+    Example:
+        >>> rec = {"method": "maskcut", "layer": 4, "tau": 0.1, "max_masks": 1, "refine": "bilateral"}
+        >>> c = recommended_config(rec)
+        >>> (c.method, c.layer, c.tau, c.max_masks, c.refine)
+        ('maskcut', 4, 0.1, 1, 'bilateral')
+        >>> c = recommended_config(rec, method="tokencut", layer=2)
+        >>> (c.method, c.layer, c.tau, c.max_masks, c.refine)
+        ('tokencut', 2, None, 3, 'bilateral')
+    """
+    method = method or recommended.get("method", "dino")
+    same = method == recommended.get("method")
+    return SegmentConfig(
+        method=method,
+        layer=layer if layer is not None else recommended.get("layer", -1),
+        mass=mass if mass is not None else recommended.get("mass", 0.6),
+        tau=tau if tau is not None else (recommended.get("tau") if same else None),
+        max_masks=max_masks or (recommended.get("max_masks", 3) if same else 3),
+        refine=refine or recommended.get("refine", "none"),
+        **fixed,
+    )
 
 
 def parse_heads(spec: str | Sequence[int] | None) -> tuple[int, ...] | None:
