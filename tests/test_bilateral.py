@@ -128,14 +128,6 @@ def test_refine_option_is_checked_and_keyed():
 
 
 # ------------------------------------------------------------------------------------------------ segment and CLI
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("w") / "tiny"
-    save_model(create_model("crate_test_patch8_32").eval(), folder)
-    return folder
-
-
 def _photos(folder: Path) -> list[Path]:
     rng = np.random.default_rng(1)
     folder.mkdir(parents=True, exist_ok=True)
@@ -150,9 +142,9 @@ def _photos(folder: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("method", ["dino", "tokencut", "maskcut"])
-def test_segment_refines_every_method_at_the_photo_size(tmp_path, tiny_weights, method):
+def test_segment_refines_every_method_at_the_photo_size(tmp_path, ckpt, method):
     photos = _photos(tmp_path / "in")
-    model = resolve_model(str(tiny_weights))
+    model = resolve_model(str(ckpt))
     seg = SegmentConfig(method=method, refine="bilateral", max_masks=2)
     info = segment_images(photos, model, tmp_path / "out", SegmentRunConfig(segment=seg, size=32, progress=False))
     assert info["processed"] == 2 and info["settings"]["refine"] == "bilateral"
@@ -162,10 +154,10 @@ def test_segment_refines_every_method_at_the_photo_size(tmp_path, tiny_weights, 
             assert np.asarray(Image.open(tmp_path / "out" / m["file"])).shape == (rec["height"], rec["width"])
 
 
-def test_cli_refine_writes_masks_and_never_mixes_with_unrefined_runs(tmp_path, tiny_weights, capsys):
+def test_cli_refine_writes_masks_and_never_mixes_with_unrefined_runs(tmp_path, ckpt, capsys):
     _photos(tmp_path / "in")
     out = tmp_path / "out"
-    base = ["segment", str(tmp_path / "in"), "--out", str(out), "-c", str(tiny_weights), "--img-size", "32",
+    base = ["segment", str(tmp_path / "in"), "--out", str(out), "-c", str(ckpt), "--img-size", "32",
             "--method", "tokencut", "--no-progress"]  # fmt: skip
     assert main([*base, "--refine", "bilateral"]) == 0
     settings = json.loads((out / "run.json").read_text())["settings"]
