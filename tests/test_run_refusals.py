@@ -145,3 +145,22 @@ def test_resume_of_a_folder_without_a_checkpoint_says_so(tmp_path, capsys, state
     err = capsys.readouterr().err.strip()
     want = "no checkpoint to resume" if state == "config-only" else "no run to resume"
     assert len(err.splitlines()) == 1 and want in err and "--data is required" not in err, err
+
+
+def test_an_output_in_the_way_is_refused_before_the_work(tmp_path, photos, ckpt, capsys, monkeypatch):
+    """heads' figure and score's file (io.outputs.writable_file), eval's folder (writable_folder): one line, and
+    no model runs first."""
+    from crate_vis.experiments import heads as heads_module
+
+    monkeypatch.setattr(heads_module, "image_attention", lambda *a, **k: pytest.fail("the model ran"))
+    (tmp_path / "fig.png").mkdir()
+    assert main(["heads", str(photos), "--out", str(tmp_path / "fig.png"), "-c", str(ckpt)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--out" in err and "is a folder" in err, err
+    (tmp_path / "file").write_text("x")
+    assert main(["heads", str(photos), "--out", str(tmp_path / "file" / "fig.png"), "-c", str(ckpt)]) == 1
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert main(["eval", "--data", str(photos), "--checkpoint", str(ckpt), "--out", str(tmp_path / "file")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--out" in err and "is a file, not a folder" in err, err
+    assert (tmp_path / "file").read_text() == "x"

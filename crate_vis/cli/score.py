@@ -42,8 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Score and print; 0 on success (errors raise and the command line reports them)."""
-    from ..experiments.score import ScoreConfig, check_output_file, format_table, jsonable, score_predictions
+    from ..experiments.score import ScoreConfig, format_table, jsonable, score_predictions
     from ..io.atomic import atomic_write_json
+    from ..io.outputs import writable_file
 
     config = ScoreConfig(
         protocol=args.protocol, image_root=args.image_root, split=args.split, iou_type=args.iou_type,
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         patch_size=args.patch_size, background=not args.no_background, box_from=args.box_from,
     )  # fmt: skip
     if args.output:
-        check_output_file(args.output, inputs=(args.pred, args.gt))  # before the work
+        writable_file(args.output, "--output", inputs=(args.pred, args.gt))  # before the work
     res = jsonable(score_predictions(args.pred, args.gt, config))
     if args.output:
         atomic_write_json(args.output, res, indent=2)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from ..io.outputs import writable_folder
 from ..models.geometry import model_input_size
 
 __all__ = ["evaluate_split"]
@@ -47,7 +48,7 @@ def evaluate_split(
         raise UsageError(f"--batch-size must be >= 1 and --workers >= 0, got {batch_size}, {workers}")
     if img_size is not None and img_size < 1:
         raise UsageError(f"--img-size must be positive, got {img_size}")
-    _check_out(Path(out))
+    writable_folder(out, "--out")  # before the work
     cfg = info.get("config")
     cfg = resolve_config(cfg) if isinstance(cfg, dict) else (cfg or TrainConfig(data=data))
     size = img_size or info.get("img_size") or model_input_size(model)
@@ -62,15 +63,3 @@ def evaluate_split(
     with torch.no_grad():
         result = evaluate_model(model, loader, classes, device=device, amp=amp, progress=show)
     return result, write_eval_report(result, Path(out)), size
-
-
-def _check_out(out: Path) -> None:
-    """Fail before the work when the report folder cannot be made or written."""
-    import os
-
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"--out {out} cannot be created: {err.strerror or err}") from None
-    if not os.access(out, os.W_OK):
-        raise UsageError(f"--out {out} is not writable")

@@ -23,6 +23,7 @@ from ..errors import UsageError
 from ..hooks import layer_heads, resolve_heads, resolve_layer
 from ..io.atomic import atomic_write_json
 from ..io.images import SkipReport, iter_images, list_images
+from ..io.outputs import writable_file
 from ..metrics.parts import head_consistency, part_assignment
 from ..models import recommended_settings
 from .attention import image_attention
@@ -144,6 +145,7 @@ def heads_figure(
     out = Path(out)
     if out.suffix.lower() not in {".png", ".pdf", ".svg"}:
         raise UsageError(f"--out must end in .png, .pdf or .svg, got {out.name!r}")
+    writable_file(out, "--out", inputs=[str(i) for i in inputs])  # before the work
     wanted = list(config.heads) if config.heads is not None else None
     selection = select_images(list(map(str, inputs)), config.by_class, config.per_class, config.max_images)
     labels = _unique([model_label(m) for m in models])

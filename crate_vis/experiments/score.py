@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from ..io.jsonfile import read_json
 from ..io.segment_output import is_segment_output, load_prediction_masks, load_segment_output
 from ..metrics import COCO_STAT_NAMES, scoring
 
-__all__ = ["PROTOCOLS", "ScoreConfig", "score_predictions", "format_table", "jsonable", "check_output_file"]
+__all__ = ["PROTOCOLS", "ScoreConfig", "score_predictions", "format_table", "jsonable"]
 
 PROTOCOLS = ("coco", "jaccard", "miou", "corloc", "saliency", "parts")
 
@@ -124,36 +123,6 @@ def _id_to_file(pred: Path) -> dict[Any, str] | None:
         raise DatasetError(folder, "segment output", "has neither images.json nor per-image records (images/*.json): "
                            "its image ids cannot be paired with file names; run `crate-vis segment` again")  # fmt: skip
     return None
-
-
-def check_output_file(path: str | os.PathLike[str], inputs: tuple[str | os.PathLike[str], ...] = ()) -> Path:
-    """Make sure a result file can be written at ``path`` before any work: not a folder nor another non-regular
-    file, not one of ``inputs`` (the files scored), its parent a folder (created when absent) that is writable.
-
-    Raises:
-        UsageError: one line naming ``path``.
-    """
-    out = Path(path)
-    for given in inputs:
-        if out.is_file() and Path(given).is_file() and os.path.samefile(out, given):
-            raise UsageError(f"--output {out}: is an input of the scoring ({given}); give another file name")
-    if out.is_dir():
-        raise UsageError(f"--output {out}: is a folder; give a file name (e.g. {out / 'score.json'})")
-    parent = out.parent
-    for above in (parent, *parent.parents):
-        if above.exists():
-            if not above.is_dir():
-                raise UsageError(f"--output {out}: {above} is a file, not a folder")
-            break
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"--output {out}: cannot create the folder {parent} ({err.strerror or err})") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--output {out}: the folder {parent} is not writable")
-    if out.exists() and not out.is_file():
-        raise UsageError(f"--output {out}: exists and is not a regular file")
-    return out
 
 
 def _read_maps(folder: Path, what: str) -> dict[str, np.ndarray]:
