@@ -39,7 +39,10 @@ from ..models import recommended_settings
 from ..models.geometry import ViTLike, model_input_size, model_patch_size, token_geometry
 from ..segmentation.dino import dino_foreground, dino_masks
 
-__all__ = ["ImageAttention", "image_attention", "AttentionConfig", "attention_figures", "collect_images", "model_device"]
+__all__ = [
+    "ImageAttention", "image_attention", "AttentionConfig", "attention_figures", "check_figure_options", "collect_images",
+    "model_device",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +152,27 @@ def image_rollout(model: nn.Module, prepared: PreparedImage, discard_ratio: floa
     return roll[0, 0, geom.num_prefix_tokens :].reshape(geom.grid).float().cpu().numpy()
 
 
+def check_figure_options(mass: float, cell_width: float, display_size: int | None, size: int | None,
+                         counts: Sequence[tuple[str, int]]) -> None:  # fmt: skip
+    """The checks shared by the attention and head figures' options, each refusal one line naming its flag.
+
+    Raises:
+        UsageError: ``--mass`` outside (0, 1], a count of ``counts`` (``(flag, value)``) below 1, or a
+            non-positive ``--cell-width``, ``--display-size`` or ``--img-size``.
+    """
+    if not 0.0 < mass <= 1.0:
+        raise UsageError(f"--mass must be in (0, 1], got {mass}")
+    for name, value in counts:
+        if value < 1:
+            raise UsageError(f"{name} must be at least 1, got {value}")
+    if not cell_width > 0:
+        raise UsageError(f"--cell-width must be positive, got {cell_width}")
+    if display_size is not None and display_size < 1:
+        raise UsageError(f"--display-size must be positive, got {display_size}")
+    if size is not None and size < 1:
+        raise UsageError(f"--img-size must be positive, got {size}")
+
+
 @dataclass(frozen=True)
 class AttentionConfig:
     """Settings of :func:`attention_figures` (the flags of ``crate-vis attention``).
@@ -176,17 +200,8 @@ class AttentionConfig:
     strict: bool = False
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.mass <= 1.0:
-            raise UsageError(f"--mass must be in (0, 1], got {self.mass}")
-        for name, value in (("--max-cols", self.max_cols), ("--dpi", self.dpi)):
-            if value < 1:
-                raise UsageError(f"{name} must be at least 1, got {value}")
-        if not self.cell_width > 0:
-            raise UsageError(f"--cell-width must be positive, got {self.cell_width}")
-        if self.display_size is not None and self.display_size < 1:
-            raise UsageError(f"--display-size must be positive, got {self.display_size}")
-        if self.size is not None and self.size < 1:
-            raise UsageError(f"--img-size must be positive, got {self.size}")
+        check_figure_options(self.mass, self.cell_width, self.display_size, self.size,
+                             (("--max-cols", self.max_cols), ("--dpi", self.dpi)))  # fmt: skip
         if self.fmt not in ("png", "pdf", "svg"):
             raise UsageError(f"--format must be png, pdf or svg, got {self.fmt!r}")
 

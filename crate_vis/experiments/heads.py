@@ -26,7 +26,7 @@ from ..io.images import SkipReport, iter_images, list_images
 from ..io.outputs import writable_file
 from ..metrics.parts import head_consistency, part_assignment
 from ..models import recommended_settings
-from .attention import image_attention
+from .attention import check_figure_options, image_attention
 
 __all__ = ["HeadsConfig", "heads_figure", "select_images"]
 
@@ -60,17 +60,8 @@ class HeadsConfig:
     strict: bool = False
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.mass <= 1.0:
-            raise UsageError(f"--mass must be in (0, 1], got {self.mass}")
-        for name, value in (("--per-class", self.per_class), ("--max-images", self.max_images), ("--dpi", self.dpi)):
-            if value < 1:
-                raise UsageError(f"{name} must be at least 1, got {value}")
-        if not self.cell_width > 0:
-            raise UsageError(f"--cell-width must be positive, got {self.cell_width}")
-        if self.display_size is not None and self.display_size < 1:
-            raise UsageError(f"--display-size must be positive, got {self.display_size}")
-        if self.size is not None and self.size < 1:
-            raise UsageError(f"--img-size must be positive, got {self.size}")
+        check_figure_options(self.mass, self.cell_width, self.display_size, self.size,
+                             (("--per-class", self.per_class), ("--max-images", self.max_images), ("--dpi", self.dpi)))  # fmt: skip
 
 
 def _evenly(items: list[Any], n: int) -> list[Any]:
