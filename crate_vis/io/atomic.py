@@ -39,6 +39,22 @@ def _final_mode(dest: Path) -> int:
 
 
 @contextlib.contextmanager
+def _staged(dest: Path, prefix: str, suffix: str) -> Iterator[tuple[int, str]]:
+    """A new temporary file beside ``dest`` (its open descriptor and path), renamed over ``dest`` with the right
+    permissions (:func:`_final_mode`) when the block ends without error, removed otherwise (``dest`` untouched)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=dest.parent)
+    try:
+        yield fd, tmp
+        os.chmod(tmp, _final_mode(dest))
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_write(path: str | os.PathLike[str], mode: str = "w", **open_kwargs: Any) -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path`` and rename it over ``path`` when the block ends without error.
 
@@ -53,21 +69,12 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w", **open_kwargs: A
     if mode not in {"w", "wb"}:
         raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     if mode == "w":
         open_kwargs.setdefault("encoding", "utf-8")
-    try:
-        with os.fdopen(fd, mode, **open_kwargs) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _final_mode(dest))
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with _staged(dest, f".{dest.name}.", ".tmp") as (fd, _tmp), os.fdopen(fd, mode, **open_kwargs) as fh:
+        yield fh
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -90,17 +97,9 @@ def atomic_save(path: str | os.PathLike[str], save_fn: Any) -> None:
         save_fn: callable receiving the temporary path (e.g. ``lambda p: fig.savefig(p, dpi=150)``).
     """
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=f".tmp{dest.suffix}", dir=dest.parent)
-    os.close(fd)
-    try:
+    with _staged(dest, f".{dest.stem}.", f".tmp{dest.suffix}") as (fd, tmp):
+        os.close(fd)
         save_fn(tmp)
         # Library writers rarely fsync; do it so that a power cut after the rename cannot leave an empty file.
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.chmod(tmp, _final_mode(dest))
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
